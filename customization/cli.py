@@ -1,0 +1,238 @@
+"""Command line for the carry-on core, usable without the web app.
+
+python -m customization prepare-base              # convert the bundled SmolLM2 once
+python -m customization demo-data out.jsonl -n 500
+python -m customization train data.jsonl --out runs/my-carry-on
+python -m customization chat --adapter runs/my-carry-on "What is 12*7?"
+python -m customization eval data.jsonl --adapter runs/my-carry-on
+python -m customization demo                      # the headless end-to-end demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DATA_DIR = Path(os.environ.get("CARRY_ON_DATA_DIR", "data"))
+
+
+def _models_dir(args: argparse.Namespace) -> Path:
+    return Path(
+        args.models_dir or os.environ.get("CARRY_ON_MODELS_DIR") or DEFAULT_DATA_DIR / "base_models"
+    )
+
+
+def _setup_torch(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def _load_base(args: argparse.Namespace) -> Any:
+    from customization.base_model import load_base_model, prepare_bundled_base
+
+    source = args.base or prepare_bundled_base(_models_dir(args))
+    return load_base_model(source, device=args.device)
+
+
+def cmd_prepare_base(args: argparse.Namespace) -> int:
+    from customization.base_model import prepare_bundled_base
+
+    print(prepare_bundled_base(_models_dir(args)))
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from customization.demo_data import write_demo_dataset
+
+    print(write_demo_dataset(args.out, args.n, seed=args.seed))
+    return 0
+
+
+def _carry_on_config(args: argparse.Namespace) -> Any:
+    from customization.config import CarryOnConfig
+
+    return CarryOnConfig(
+        d_model=args.d_model,
+        n_blocks=args.blocks,
+        n_heads=args.heads,
+        taps=tuple(args.taps),
+        tap_mode=args.tap_mode,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from customization.config import TrainingConfig
+
+    _setup_torch(args)
+    base = _load_base(args)
+    from customization.pipeline import train_pipeline
+
+    summary = train_pipeline(
+        base,
+        Path(args.data).read_bytes(),
+        carry_on_config=_carry_on_config(args),
+        training_config=TrainingConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            seed=args.seed,
+            early_stopping_patience=args.patience,
+        ),
+        max_length=args.max_length,
+        storage_dtype=args.storage_dtype,
+        cache_dir=Path(args.cache_dir),
+        out=Path(args.out),
+        valid_fraction=args.valid_fraction,
+    )
+    summary.pop("valid_examples")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _load_adapter(args: argparse.Namespace, base: Any) -> Any:
+    if not args.adapter:
+        return None
+    from customization.checkpoint import load_carry_on
+
+    return load_carry_on(args.adapter, base_fingerprints=[base.fingerprint()], device=args.device)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from customization.config import GenerationConfig
+    from customization.generation import stream
+
+    _setup_torch(args)
+    base = _load_base(args)
+    carry_on = _load_adapter(args, base)
+    config = GenerationConfig(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_tokens,
+        seed=args.seed,
+    )
+    prompts = [args.prompt] if args.prompt else (line.rstrip("\n") for line in sys.stdin)
+    for prompt in prompts:
+        ids = base.tokenizer.encode_prompt([{"role": "user", "content": prompt}])
+        for output in stream(base, ids, config, carry_on):
+            print(output.text_delta, end="", flush=True)
+        print()
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from customization.datasets import load_dataset
+    from customization.evaluation import exact_match, features_in_memory, heldout_metrics
+    from customization.tokenizer import tokenize_examples
+
+    _setup_torch(args)
+    base = _load_base(args)
+    carry_on = _load_adapter(args, base)
+    examples = load_dataset(Path(args.data).read_bytes())[: args.limit]
+    tokenized = tokenize_examples(examples, base.tokenizer, max_length=args.max_length)
+    taps = carry_on.config.taps if carry_on is not None else (-1,)
+    data = features_in_memory(base, tokenized, taps)
+    report: dict[str, Any] = heldout_metrics(base, carry_on, data)
+    if args.exact_match:
+        result = exact_match(
+            base, carry_on, examples[: args.exact_match], max_new_tokens=args.max_tokens
+        )
+        report["exact_match"] = result.accuracy
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from customization.demo import run_demo
+
+    _setup_torch(args)
+    return run_demo(
+        models_dir=_models_dir(args),
+        work_dir=Path(args.work_dir),
+        n_problems=args.n,
+        epochs=args.epochs,
+        device=args.device,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m customization", description=__doc__.split("\n")[0]
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--base", help="HF folder, .gguf file or hub id (default: bundled SmolLM2)")
+    common.add_argument("--models-dir", help="where the bundled base is prepared")
+    common.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    common.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser(
+        "prepare-base", parents=[common], help="convert the bundled base once"
+    ).set_defaults(func=cmd_prepare_base)
+
+    demo_data = sub.add_parser("demo-data", help="write generated arithmetic word problems")
+    demo_data.add_argument("out")
+    demo_data.add_argument("-n", type=int, default=500)
+    demo_data.add_argument("--seed", type=int, default=0)
+    demo_data.set_defaults(func=cmd_demo_data)
+
+    train = sub.add_parser("train", parents=[common], help="train a carry-on on a JSONL dataset")
+    train.add_argument("data")
+    train.add_argument("--out", required=True, help="run folder (adapter/ and checkpoints/)")
+    train.add_argument("--cache-dir", default=str(DEFAULT_DATA_DIR / "features"))
+    train.add_argument("--epochs", type=int, default=3)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--patience", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--d-model", type=int, default=128)
+    train.add_argument("--blocks", type=int, default=2)
+    train.add_argument("--heads", type=int, default=4)
+    train.add_argument("--taps", type=int, nargs="+", default=[-1])
+    train.add_argument("--tap-mode", choices=["mix", "ladder"], default="mix")
+    train.add_argument("--max-length", type=int, default=512)
+    train.add_argument("--storage-dtype", choices=["float32", "float16", "int8"], default="float16")
+    train.add_argument("--valid-fraction", type=float, default=0.1)
+    train.set_defaults(func=cmd_train)
+
+    chat = sub.add_parser("chat", parents=[common], help="chat with the base or a carry-on")
+    chat.add_argument("prompt", nargs="?", help="one prompt (default: one per stdin line)")
+    chat.add_argument("--adapter", help="carry-on artifact folder")
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.set_defaults(func=cmd_chat)
+
+    evaluate = sub.add_parser("eval", parents=[common], help="held-out loss and exact match")
+    evaluate.add_argument("data")
+    evaluate.add_argument("--adapter")
+    evaluate.add_argument("--limit", type=int, default=None)
+    evaluate.add_argument("--max-length", type=int, default=512)
+    evaluate.add_argument("--exact-match", type=int, default=0, help="problems to decode")
+    evaluate.add_argument("--max-tokens", type=int, default=256)
+    evaluate.set_defaults(func=cmd_eval)
+
+    demo = sub.add_parser("demo", parents=[common], help="the headless end-to-end demo")
+    demo.add_argument("--work-dir", default=str(DEFAULT_DATA_DIR / "demo"))
+    demo.add_argument("-n", type=int, default=500)
+    demo.add_argument("--epochs", type=int, default=3)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from customization.errors import CustomizationError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CustomizationError as exc:
+        print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
+        return 2

@@ -1,0 +1,102 @@
+"""Evaluation: held-out loss, token accuracy and final-answer exact match.
+
+Loss and accuracy are computed on assistant tokens only, exactly as training measures them,
+for the base alone (``carry_on=None``) or base + carry-on. Exact match decodes greedily,
+many problems per batch through the shared-base ``BatchDecoder``, and compares the number
+after ``####`` (else the last number) with the reference's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from customization.answers import answers_match, extract_final_answer
+from customization.base_model import FrozenBase
+from customization.carry_on import CarryOn
+from customization.config import GenerationConfig
+from customization.datasets import Example
+from customization.features import FeatureData, FeatureExample, StoredState, batch_hidden_states
+from customization.generation import BatchDecoder
+from customization.tokenizer import TokenizedExample
+from customization.training import FeatureLayout, evaluate
+
+
+def features_in_memory(
+    base: FrozenBase, examples: Sequence[TokenizedExample], taps: Sequence[int], batch_size: int = 8
+) -> FeatureData:
+    """Hidden states for a small held-out set, computed now and kept in memory (float32)."""
+    resolved = [base.resolve_tap(t) for t in taps]
+    states = list(dict.fromkeys([(0, t) for t in resolved] + [(0, base.num_layers)]))
+    rows: list[FeatureExample] = []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        hidden = batch_hidden_states([base], batch, states)
+        for row, example in enumerate(batch):
+            length = len(example.input_ids)
+            rows.append(
+                FeatureExample(
+                    input_ids=torch.tensor(example.input_ids),
+                    target_mask=torch.tensor(example.target_mask, dtype=torch.bool),
+                    states=[StoredState(h[row, :length].float().cpu()) for h in hidden],
+                )
+            )
+    return FeatureData(rows, states, [base.hidden_size] * len(states))
+
+
+def heldout_metrics(
+    base: FrozenBase,
+    carry_on: CarryOn | None,
+    data: FeatureData,
+    *,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """Held-out assistant-token loss and token accuracy."""
+    taps = carry_on.config.taps if carry_on is not None else (-1,)
+    layout = FeatureLayout.for_taps(data, taps, base.num_layers)
+    return evaluate(carry_on, data, layout, base.head_weight, batch_size=batch_size)
+
+
+@dataclass
+class ExactMatchResult:
+    accuracy: float
+    predictions: list[str]
+    references: list[str]
+
+
+def exact_match(
+    base: FrozenBase,
+    carry_on: CarryOn | None,
+    examples: Sequence[Example],
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> ExactMatchResult:
+    """Greedy final-answer accuracy: prompts are every message before the last assistant turn."""
+    config = GenerationConfig(temperature=0.0, max_new_tokens=max_new_tokens)
+    predictions: list[str] = []
+    references: list[str] = []
+    for start in range(0, len(examples), batch_size):
+        decoder = BatchDecoder(base)
+        sequences = []
+        for example in examples[start : start + batch_size]:
+            messages = list(example.messages)
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            prompt = base.tokenizer.encode_prompt(messages[:last])
+            references.append(messages[last]["content"])
+            sequences.append(decoder.new_sequence(prompt, config, carry_on))
+        for sequence in sequences:
+            decoder.add(sequence)
+        while decoder.active:
+            decoder.step()
+        predictions.extend(s.text for s in sequences)
+        if progress is not None:
+            progress(len(predictions), len(examples))
+    hits = sum(
+        answers_match(extract_final_answer(p), extract_final_answer(r))
+        for p, r in zip(predictions, references, strict=True)
+    )
+    return ExactMatchResult(hits / max(len(examples), 1), predictions, references)

@@ -1,0 +1,531 @@
+"""Training a carry-on on cached features.
+
+Reads only cached hidden states and the frozen LM head: no base forward happens here. The
+cost floor is the LM head (V × D per target token, forward plus the gradient to its input),
+so the head runs only at target positions, in chunks, through a fused loss that computes
+the gradient in the same pass (two matrix products per chunk, memory flat in V).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from customization.base_model import BaseFingerprint
+from customization.carry_on import CarryOn
+from customization.checkpoint import ArtifactInfo, save_carry_on
+from customization.config import CarryOnConfig, TrainingConfig
+from customization.errors import ArtifactError, TrainingCancelled
+from customization.features import FeatureData, FeatureExample
+
+TRAINER_STATE = "trainer_state"
+
+
+# -- the loss -------------------------------------------------------------------------------
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``labels``, chunked over rows.
+
+    The gradient with respect to ``hidden`` is computed during the forward pass, chunk by
+    chunk, so no (N, V) logits tensor is ever kept for backward. The weight is frozen.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        total = hidden.shape[0]
+        loss_sum = hidden.new_zeros((), dtype=torch.float32)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, total, chunk):
+            rows = hidden[start : start + chunk]
+            target = labels[start : start + chunk]
+            logits = (rows @ weight.T).float()  # (n, V)
+            log_probs = torch.log_softmax(logits, dim=-1)
+            loss_sum -= log_probs.gather(1, target.unsqueeze(1)).sum()
+            correct += (logits.argmax(-1) == target).sum()
+            if grad is not None:
+                probs = log_probs.exp_()
+                probs[torch.arange(len(target), device=probs.device), target] -= 1.0
+                grad[start : start + chunk] = (probs.to(weight.dtype) @ weight) / total
+        ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
+        ctx.mark_non_differentiable(correct)
+        return loss_sum / max(total, 1), correct
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_loss: torch.Tensor, _grad_correct: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None, None, None
+
+
+def head_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk: int = 1024
+) -> tuple[torch.Tensor, int]:
+    """(mean cross-entropy, number of argmax-correct tokens) for rows of ``hidden`` (N, D)."""
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0, 0
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        loss, correct = _ChunkedHeadLoss.apply(hidden, weight, labels, chunk)
+        return loss, int(correct)
+    with torch.no_grad():
+        loss, correct = _ChunkedHeadLoss.forward(_NoGradContext(), hidden, weight, labels, chunk)
+    return loss, int(correct)
+
+
+class _NoGradContext:
+    """Stands in for autograd's ctx when only the loss value is wanted."""
+
+    needs_input_grad = (False, False, False, False)
+
+    def save_for_backward(self, *_: torch.Tensor) -> None:
+        pass
+
+    def mark_non_differentiable(self, *_: torch.Tensor) -> None:
+        pass
+
+
+# -- batches ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    taps: list[torch.Tensor]  # each (B, T, D_i)
+    final_state: torch.Tensor  # (B, T, D)
+    positions: torch.Tensor  # (B, T)
+    loss_rows: torch.Tensor  # (N,) flat indices into B*T of positions that predict a target
+    labels: torch.Tensor  # (N,)
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def make_batch(
+    examples: Sequence[FeatureExample],
+    tap_indices: Sequence[int],
+    final_index: int,
+    device: torch.device,
+) -> Batch:
+    """Right-pad a batch; position t predicts token t+1 where that token is a target."""
+    width = max(len(e.input_ids) for e in examples)
+
+    def padded(state_index: int) -> torch.Tensor:
+        rows = [e.states[state_index].dequantize() for e in examples]
+        out = rows[0].new_zeros((len(rows), width, rows[0].shape[-1]))
+        for row, values in enumerate(rows):
+            out[row, : len(values)] = values
+        return out.to(device)
+
+    loss_rows: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    for row, example in enumerate(examples):
+        predicts = torch.nonzero(example.target_mask[1:]).squeeze(-1)  # positions t
+        loss_rows.append(predicts + row * width)
+        labels.append(example.input_ids[predicts + 1])
+    positions = torch.arange(width, device=device).unsqueeze(0).expand(len(examples), -1)
+    return Batch(
+        taps=[padded(i) for i in tap_indices],
+        final_state=padded(final_index),
+        positions=positions,
+        loss_rows=torch.cat(loss_rows).to(device),
+        labels=torch.cat(labels).to(device),
+    )
+
+
+def batch_loss(
+    carry_on: CarryOn | None, batch: Batch, head_weight: torch.Tensor, chunk: int
+) -> tuple[torch.Tensor, int]:
+    """Loss of base + carry-on on a batch; ``carry_on=None`` scores the base alone."""
+    if carry_on is None:
+        merged = batch.final_state
+    else:
+        merged = carry_on(batch.taps, batch.final_state, batch.positions)  # (B, T, D)
+    rows = merged.reshape(-1, merged.shape[-1]).index_select(0, batch.loss_rows)  # (N, D)
+    return head_loss(rows, head_weight, batch.labels, chunk=chunk)
+
+
+@dataclass
+class FeatureLayout:
+    """Where a carry-on's taps and the final state sit in a feature set."""
+
+    tap_indices: list[int]
+    final_index: int
+
+    @classmethod
+    def for_taps(
+        cls,
+        data: FeatureData,
+        taps: Sequence[int],
+        num_layers: int,
+        tap_bases: Sequence[int] = (),
+    ) -> FeatureLayout:
+        def index_of(base: int, tap: int) -> int:
+            hidden = tap + num_layers + 1 if tap < 0 else tap
+            try:
+                return data.states.index((base, hidden))
+            except ValueError:
+                raise ArtifactError(
+                    f"the cached features hold no hidden state {tap} of base {base}; "
+                    "extract features with this carry-on's taps"
+                ) from None
+
+        bases = tuple(tap_bases) or tuple(0 for _ in taps)
+        return cls([index_of(b, t) for b, t in zip(bases, taps, strict=True)], index_of(0, -1))
+
+    @classmethod
+    def for_config(cls, data: FeatureData, config: CarryOnConfig, num_layers: int) -> FeatureLayout:
+        return cls.for_taps(data, config.taps, num_layers, config.resolved_tap_bases)
+
+
+def iterate_batches(
+    data: FeatureData, order: Sequence[int], batch_size: int
+) -> Iterator[list[FeatureExample]]:
+    for start in range(0, len(order), batch_size):
+        yield [data.examples[i] for i in order[start : start + batch_size]]
+
+
+@torch.no_grad()
+def evaluate(
+    carry_on: CarryOn | None,
+    data: FeatureData,
+    layout: FeatureLayout,
+    head_weight: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """Held-out mean loss and token accuracy over all target tokens."""
+    was_training = carry_on.training if carry_on is not None else False
+    if carry_on is not None:
+        carry_on.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for examples in iterate_batches(data, range(len(data)), batch_size):
+        batch = make_batch(examples, layout.tap_indices, layout.final_index, head_weight.device)
+        loss, hits = batch_loss(carry_on, batch, head_weight, chunk)
+        loss_sum += float(loss) * batch.n_targets
+        correct += hits
+        count += batch.n_targets
+    if carry_on is not None and was_training:
+        carry_on.train()
+    return {"loss": loss_sum / max(count, 1), "token_accuracy": correct / max(count, 1)}
+
+
+# -- the training loop ---------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingCallbacks:
+    """Hooks the caller (CLI, Celery task) uses to observe and steer a run."""
+
+    on_progress: Callable[[dict[str, Any]], None] | None = None  # every step
+    on_metrics: Callable[[dict[str, Any]], None] | None = None  # train/valid metrics
+    on_checkpoint: Callable[[int, ArtifactInfo, dict[str, Any]], None] | None = None
+    should_cancel: Callable[[], bool] | None = None
+
+
+@dataclass
+class TrainingResult:
+    carry_on: CarryOn
+    steps: int
+    trained_tokens: int
+    best_epoch: int
+    best_valid_loss: float | None
+    stopped_early: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def lr_at(step: int, total: int, config: TrainingConfig) -> float:
+    """Linear warmup, then cosine decay to ``min_lr_ratio`` of the peak."""
+    warmup = int(total * config.warmup_fraction)
+    if step < warmup:
+        return config.learning_rate * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.learning_rate * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+def _optimizer(carry_on: CarryOn, config: TrainingConfig) -> torch.optim.AdamW:
+    # No weight decay on norms, biases and the tap mix: it would pull them towards zero.
+    decay = [p for p in carry_on.parameters() if p.dim() >= 2]
+    no_decay = [p for p in carry_on.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.learning_rate,
+        betas=(0.9, 0.95),
+    )
+
+
+@dataclass
+class _State:
+    """Everything needed to resume a run exactly."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    step: int = 0
+    trained_tokens: int = 0
+    best_epoch: int = -1
+    best_valid_loss: float | None = None
+    epochs_without_improvement: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_weights: dict[str, torch.Tensor] | None = None
+
+
+def train_carry_on(
+    carry_on: CarryOn,
+    train_data: FeatureData,
+    head_weight: torch.Tensor,
+    config: TrainingConfig,
+    *,
+    num_layers: int,
+    base_fingerprints: Sequence[BaseFingerprint],
+    valid_data: FeatureData | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = True,
+    callbacks: TrainingCallbacks | None = None,
+) -> TrainingResult:
+    """Train ``carry_on`` in place; returns it holding the best weights seen.
+
+    With ``checkpoint_dir`` set, a checkpoint is written every ``checkpoint_every`` steps
+    and at each epoch end, and (``resume=True``) the run continues from the newest one.
+    """
+    hooks = callbacks or TrainingCallbacks()
+    device = head_weight.device
+    head_weight = head_weight.detach()
+    layout = FeatureLayout.for_config(train_data, carry_on.config, num_layers)
+    steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = _optimizer(carry_on, config)
+    state = _State()
+    checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if checkpoints is not None and resume:
+        restored = _restore_latest(checkpoints, carry_on, optimizer)
+        if restored is not None:
+            state = restored
+    carry_on.train()
+    # 1. Epochs; each epoch's order depends only on (seed, epoch), so a resumed run
+    #    replays exactly the batches an uninterrupted one would have seen.
+    while state.epoch < config.epochs:
+        generator = torch.Generator().manual_seed(config.seed * 1000 + state.epoch)
+        order = torch.randperm(len(train_data), generator=generator).tolist()
+        started = time.perf_counter()
+        epoch_tokens, epoch_loss = 0, 0.0
+        batches = list(iterate_batches(train_data, order, config.batch_size))
+        for index in range(state.batch_in_epoch, len(batches)):
+            # 2. Cooperative cancel between steps.
+            if hooks.should_cancel is not None and hooks.should_cancel():
+                raise TrainingCancelled("training was cancelled")
+            # 3. One optimisation step.
+            batch = make_batch(batches[index], layout.tap_indices, layout.final_index, device)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(state.step, total_steps, config)
+            loss, _ = batch_loss(carry_on, batch, head_weight, config.loss_chunk_tokens)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(carry_on.parameters(), config.grad_clip)
+            optimizer.step()
+            state.step += 1
+            state.batch_in_epoch = index + 1
+            state.trained_tokens += batch.n_targets
+            epoch_tokens += batch.n_targets
+            epoch_loss += loss.item() * batch.n_targets
+            # 4. Progress, and periodic checkpoints.
+            if hooks.on_progress is not None:
+                elapsed = time.perf_counter() - started
+                hooks.on_progress(
+                    {
+                        "step": state.step,
+                        "total_steps": total_steps,
+                        "epoch": state.epoch + (index + 1) / len(batches),
+                        "train_loss": loss.item(),
+                        "learning_rate": optimizer.param_groups[0]["lr"],
+                        "tokens_per_second": epoch_tokens / max(elapsed, 1e-9),
+                        "trained_tokens": state.trained_tokens,
+                    }
+                )
+            at_epoch_end = index + 1 == len(batches)
+            if (
+                checkpoints is not None
+                and config.checkpoint_every
+                and state.step % config.checkpoint_every == 0
+                and not at_epoch_end
+            ):
+                _save_checkpoint(checkpoints, carry_on, optimizer, state, base_fingerprints, hooks)
+        # 5. End of epoch: validation, keep-best, early stopping, checkpoint.
+        elapsed = time.perf_counter() - started
+        metrics: dict[str, Any] = {
+            "step": state.step,
+            "epoch": state.epoch + 1,
+            "train_loss": epoch_loss / max(epoch_tokens, 1),
+            "tokens_per_second": epoch_tokens / max(elapsed, 1e-9),
+            "epoch_seconds": elapsed,
+        }
+        stop = False
+        if valid_data is not None and len(valid_data):
+            scores = evaluate(
+                carry_on,
+                valid_data,
+                layout,
+                head_weight,
+                batch_size=config.batch_size,
+                chunk=config.loss_chunk_tokens,
+            )
+            metrics.update(valid_loss=scores["loss"], valid_token_accuracy=scores["token_accuracy"])
+            stop = _track_best(state, carry_on, scores["loss"], config)
+        else:
+            state.best_epoch = state.epoch + 1
+            state.best_weights = None
+        state.history.append(metrics)
+        if hooks.on_metrics is not None:
+            hooks.on_metrics(metrics)
+        state.epoch += 1
+        state.batch_in_epoch = 0
+        if checkpoints is not None:
+            _save_checkpoint(checkpoints, carry_on, optimizer, state, base_fingerprints, hooks)
+        if stop:
+            break
+    # 6. Keep the best weights seen on the validation set.
+    if state.best_weights is not None:
+        carry_on.load_state_dict(state.best_weights)
+    carry_on.eval()
+    return TrainingResult(
+        carry_on=carry_on,
+        steps=state.step,
+        trained_tokens=state.trained_tokens,
+        best_epoch=state.best_epoch,
+        best_valid_loss=state.best_valid_loss,
+        stopped_early=state.epoch < config.epochs,
+        history=state.history,
+    )
+
+
+def _track_best(
+    state: _State, carry_on: CarryOn, valid_loss: float, config: TrainingConfig
+) -> bool:
+    """Record a new best; return True when early stopping should end the run."""
+    if state.best_valid_loss is None or valid_loss < state.best_valid_loss:
+        state.best_valid_loss = valid_loss
+        state.best_epoch = state.epoch + 1
+        state.epochs_without_improvement = 0
+        state.best_weights = {k: v.detach().clone() for k, v in carry_on.state_dict().items()}
+        return False
+    state.epochs_without_improvement += 1
+    patience = config.early_stopping_patience
+    return bool(patience) and state.epochs_without_improvement >= patience
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+
+def checkpoint_path(checkpoint_dir: Path, step: int) -> Path:
+    return checkpoint_dir / f"step-{step:08d}"
+
+
+def _save_checkpoint(
+    folder: Path,
+    carry_on: CarryOn,
+    optimizer: torch.optim.Optimizer,
+    state: _State,
+    base_fingerprints: Sequence[BaseFingerprint],
+    hooks: TrainingCallbacks,
+) -> None:
+    """A checkpoint is a servable artifact plus the trainer state to resume from it."""
+    target = checkpoint_path(folder, state.step)
+    info = save_carry_on(carry_on, target, base_fingerprints=base_fingerprints)
+    tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+    for index, param in enumerate(carry_on.parameters()):
+        for key, value in optimizer.state.get(param, {}).items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{index}.{key}"] = value.detach().to("cpu").contiguous()
+    for key, value in (state.best_weights or {}).items():
+        tensors[f"best.{key}"] = value.detach().to("cpu").contiguous()
+    scalars = {
+        "epoch": state.epoch,
+        "batch_in_epoch": state.batch_in_epoch,
+        "step": state.step,
+        "trained_tokens": state.trained_tokens,
+        "best_epoch": state.best_epoch,
+        "best_valid_loss": state.best_valid_loss,
+        "epochs_without_improvement": state.epochs_without_improvement,
+        "history": state.history,
+    }
+    staging = target / f".{TRAINER_STATE}.tmp"
+    save_file(tensors, str(staging))
+    os.replace(staging, target / f"{TRAINER_STATE}.safetensors")
+    json_staging = target / f".{TRAINER_STATE}.json.tmp"
+    json_staging.write_text(json.dumps(scalars), "utf-8")
+    # The JSON is written last: its presence marks a complete, resumable checkpoint.
+    os.replace(json_staging, target / f"{TRAINER_STATE}.json")
+    if hooks.on_checkpoint is not None:
+        hooks.on_checkpoint(state.step, info, state.history[-1] if state.history else {})
+
+
+def _restore_latest(
+    folder: Path, carry_on: CarryOn, optimizer: torch.optim.Optimizer
+) -> _State | None:
+    if not folder.is_dir():
+        return None
+    complete = sorted(
+        path for path in folder.glob("step-*") if (path / f"{TRAINER_STATE}.json").is_file()
+    )
+    for partial in folder.glob("step-*"):
+        if partial not in complete:
+            shutil.rmtree(partial, ignore_errors=True)  # a crash mid-write left it
+    if not complete:
+        return None
+    latest = complete[-1]
+    weights = load_file(str(latest / "carry_on.safetensors"))
+    carry_on.load_state_dict(weights)
+    tensors = load_file(str(latest / f"{TRAINER_STATE}.safetensors"))
+    scalars = json.loads((latest / f"{TRAINER_STATE}.json").read_text("utf-8"))
+    params = list(carry_on.parameters())
+    for index, param in enumerate(params):
+        entries = {
+            key.split(".", 2)[2]: value
+            for key, value in tensors.items()
+            if key.startswith(f"optim.{index}.")
+        }
+        if entries:
+            # AdamW keeps its step counter on the CPU; moments live with the parameter.
+            optimizer.state[param] = {
+                key: value if key == "step" else value.to(param.device)
+                for key, value in entries.items()
+            }
+    torch.set_rng_state(tensors["rng.torch"])
+    best = {k[len("best.") :]: v for k, v in tensors.items() if k.startswith("best.")}
+    return _State(
+        epoch=scalars["epoch"],
+        batch_in_epoch=scalars["batch_in_epoch"],
+        step=scalars["step"],
+        trained_tokens=scalars["trained_tokens"],
+        best_epoch=scalars["best_epoch"],
+        best_valid_loss=scalars["best_valid_loss"],
+        epochs_without_improvement=scalars["epochs_without_improvement"],
+        history=scalars["history"],
+        best_weights=best or None,
+    )
+
+
+def build_carry_on(
+    config: CarryOnConfig, *, tap_sizes: Sequence[int], hidden_size: int, seed: int
+) -> CarryOn:
+    """A freshly initialised carry-on, deterministic for ``seed``."""
+    torch.manual_seed(seed)
+    return CarryOn(config.resolved(tap_sizes=tuple(tap_sizes), hidden_size=hidden_size))

@@ -1,0 +1,32 @@
+"""Production: secrets and hosts from the environment, HTTPS behind a proxy, no DEBUG.
+
+Passes ``manage.py check --deploy --fail-level WARNING`` when DJANGO_SECRET_KEY is a real
+secret. Use PostgreSQL (DATABASE_URL), Redis or RabbitMQ (CELERY_BROKER_URL) and shared
+storage for CARRY_ON_DATA_DIR; see the README's production section.
+"""
+
+import os
+
+from django.core.exceptions import ImproperlyConfigured
+
+from webapp.settings.base import *  # noqa: F403
+from webapp.settings.base import SECRET_KEY, env_bool
+
+DEBUG = False
+if len(SECRET_KEY) < 50:
+    raise ImproperlyConfigured("DJANGO_SECRET_KEY must be set to a random string of 50+ characters")
+
+# TLS terminates at the proxy, which sets X-Forwarded-Proto.
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", True)
+SECURE_HSTS_SECONDS = int(os.environ.get("DJANGO_SECURE_HSTS_SECONDS", 31536000))
+SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+SECURE_HSTS_PRELOAD = True
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+SESSION_COOKIE_SECURE = True
+SESSION_COOKIE_HTTPONLY = True
+CSRF_COOKIE_SECURE = True
+X_FRAME_OPTIONS = "DENY"
+# Health checks from the load balancer come over plain HTTP.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
