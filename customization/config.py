@@ -94,12 +94,12 @@ class CarryOnConfig(_Config):
         _check_range("mlp_ratio", self.mlp_ratio, 0.5, 16)
         if not self.taps:
             raise ValueError("taps must name at least one hidden-state index")
-        if len(set(zip(self.resolved_tap_bases, self.taps, strict=True))) != len(self.taps):
-            raise ValueError(f"taps must not repeat, got {list(self.taps)}")
         if self.tap_sizes and len(self.tap_sizes) != len(self.taps):
             raise ValueError("tap_sizes must give one width per tap")
         if self.tap_bases and len(self.tap_bases) != len(self.taps):
             raise ValueError("tap_bases must give one base index per tap")
+        if len(set(zip(self.resolved_tap_bases, self.taps, strict=True))) != len(self.taps):
+            raise ValueError(f"taps must not repeat, got {list(self.taps)}")
         if self.tap_mode not in ("ladder", "mix"):
             raise ValueError(f"tap_mode must be 'ladder' or 'mix', got {self.tap_mode!r}")
         if self.tap_mode == "ladder" and len(self.taps) > self.n_blocks + 1:

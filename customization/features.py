@@ -46,13 +46,15 @@ def feature_cache_key(
     base_keys: Sequence[str],
     dataset_sha256: str,
     config: FeatureConfig,
+    tap_bases: Sequence[int] = (),
 ) -> str:
     """Content address of a feature set.
 
     ``base_keys`` are the bases' fingerprint keys, which already cover the tokenizer
-    vocabulary and chat template.
+    vocabulary and chat template; ``tap_bases`` says which base each tap reads when
+    several bases are mixed.
     """
-    payload = {
+    payload: dict[str, object] = {
         "bases": list(base_keys),
         "dataset": dataset_sha256,
         "taps": list(config.taps),
@@ -60,6 +62,8 @@ def feature_cache_key(
         "dtype": config.storage_dtype,
         "version": FEATURES_FORMAT_VERSION,
     }
+    if any(tap_bases):
+        payload["tap_bases"] = list(tap_bases)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:40]
 
 

@@ -136,7 +136,8 @@ def sample_token(logits: torch.Tensor, sequence: DecodeSequence) -> int:
         # Keep the smallest prefix whose mass reaches top_p (always at least one token).
         keep = sorted_probs.cumsum(-1) - sorted_probs < config.top_p
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=sequence.generator))
+    # The generator lives on the CPU (seeds then reproduce on any device): sample there.
+    return int(torch.multinomial(probs.cpu(), 1, generator=sequence.generator))
 
 
 class _TextReleaser:
@@ -177,11 +178,11 @@ class _TextReleaser:
 class BatchDecoder:
     """A running batch of sequences on one base, sharing the base forward per step."""
 
-    def __init__(self, base: FrozenBase):
+    def __init__(self, base: FrozenBase, *, counters: DecodeCounters | None = None):
         from transformers import DynamicCache
 
         self.base = base
-        self.counters = DecodeCounters()
+        self.counters = counters if counters is not None else DecodeCounters()
         self.sequences: list[DecodeSequence] = []
         self._cache_class = DynamicCache
         self._cache: Any = None

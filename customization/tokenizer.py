@@ -36,6 +36,9 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Tokens that end a turn or a text in the common chat formats (ChatML, Llama 3, Llama 2).
+_END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>")
+
 
 @dataclass(frozen=True)
 class TokenizedExample:
@@ -150,7 +153,7 @@ class ChatTokenizer:
     def stop_token_ids(self) -> tuple[int, ...]:
         """Token ids that end a reply: the end-of-turn token and the end-of-text token."""
         ids = {self.eos_token_id}
-        for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"):
+        for token in _END_TOKENS:
             token_id = self.tokenizer.token_to_id(token)
             if token_id is not None:
                 ids.add(int(token_id))
@@ -201,7 +204,7 @@ class ChatTokenizer:
                 raise DatasetFormatError(
                     [DatasetProblem(line, "the chat template does not render turns as prefixes")]
                 )
-            spans.append((start, len(through)))
+            spans.append((start, self._turn_end(through)))
         encoding = self.tokenizer.encode(text, add_special_tokens=False)
         ids = list(encoding.ids)
         mask = [0] * len(ids)
@@ -214,6 +217,16 @@ class ChatTokenizer:
             ids.insert(0, self.bos_token_id)
             mask.insert(0, 0)
         return TokenizedExample(ids, mask, line=line)
+
+    def _turn_end(self, through: str) -> int:
+        """Where a turn rendered as ``through`` ends: after its end-of-turn token.
+
+        Whitespace a template writes after that token (ChatML's newline) separates turns;
+        it is not part of the reply, and generation stops before it.
+        """
+        content = through.rstrip()
+        ends_with_stop = any(content.endswith(token) for token in (self.eos_token, *_END_TOKENS))
+        return len(content) if ends_with_stop else len(through)
 
 
 def truncate_example(example: TokenizedExample, max_length: int) -> TokenizedExample:

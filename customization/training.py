@@ -170,11 +170,14 @@ class FeatureLayout:
         cls,
         data: FeatureData,
         taps: Sequence[int],
-        num_layers: int,
+        num_layers: int | Sequence[int],
         tap_bases: Sequence[int] = (),
     ) -> FeatureLayout:
+        """``num_layers``: the primary base's depth, or one depth per base when mixing."""
+        depths = [num_layers] if isinstance(num_layers, int) else list(num_layers)
+
         def index_of(base: int, tap: int) -> int:
-            hidden = tap + num_layers + 1 if tap < 0 else tap
+            hidden = tap + depths[base] + 1 if tap < 0 else tap
             try:
                 return data.states.index((base, hidden))
             except ValueError:
@@ -187,7 +190,9 @@ class FeatureLayout:
         return cls([index_of(b, t) for b, t in zip(bases, taps, strict=True)], index_of(0, -1))
 
     @classmethod
-    def for_config(cls, data: FeatureData, config: CarryOnConfig, num_layers: int) -> FeatureLayout:
+    def for_config(
+        cls, data: FeatureData, config: CarryOnConfig, num_layers: int | Sequence[int]
+    ) -> FeatureLayout:
         return cls.for_taps(data, config.taps, num_layers, config.resolved_tap_bases)
 
 
@@ -283,6 +288,8 @@ class _State:
     best_epoch: int = -1
     best_valid_loss: float | None = None
     epochs_without_improvement: int = 0
+    epoch_loss_sum: float = 0.0  # the current epoch's train loss so far, summed over tokens
+    epoch_loss_tokens: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     best_weights: dict[str, torch.Tensor] | None = None
 
@@ -293,7 +300,7 @@ def train_carry_on(
     head_weight: torch.Tensor,
     config: TrainingConfig,
     *,
-    num_layers: int,
+    num_layers: int | Sequence[int],
     base_fingerprints: Sequence[BaseFingerprint],
     valid_data: FeatureData | None = None,
     checkpoint_dir: str | Path | None = None,
@@ -325,7 +332,9 @@ def train_carry_on(
         generator = torch.Generator().manual_seed(config.seed * 1000 + state.epoch)
         order = torch.randperm(len(train_data), generator=generator).tolist()
         started = time.perf_counter()
-        epoch_tokens, epoch_loss = 0, 0.0
+        epoch_tokens = 0  # trained by this process, for throughput
+        if state.batch_in_epoch == 0:
+            state.epoch_loss_sum, state.epoch_loss_tokens = 0.0, 0
         batches = list(iterate_batches(train_data, order, config.batch_size))
         for index in range(state.batch_in_epoch, len(batches)):
             # 2. Cooperative cancel between steps.
@@ -345,7 +354,8 @@ def train_carry_on(
             state.batch_in_epoch = index + 1
             state.trained_tokens += batch.n_targets
             epoch_tokens += batch.n_targets
-            epoch_loss += loss.item() * batch.n_targets
+            state.epoch_loss_sum += loss.item() * batch.n_targets
+            state.epoch_loss_tokens += batch.n_targets
             # 4. Progress, and periodic checkpoints.
             if hooks.on_progress is not None:
                 elapsed = time.perf_counter() - started
@@ -373,7 +383,7 @@ def train_carry_on(
         metrics: dict[str, Any] = {
             "step": state.step,
             "epoch": state.epoch + 1,
-            "train_loss": epoch_loss / max(epoch_tokens, 1),
+            "train_loss": state.epoch_loss_sum / max(state.epoch_loss_tokens, 1),
             "tokens_per_second": epoch_tokens / max(elapsed, 1e-9),
             "epoch_seconds": elapsed,
         }
@@ -464,6 +474,8 @@ def _save_checkpoint(
         "best_epoch": state.best_epoch,
         "best_valid_loss": state.best_valid_loss,
         "epochs_without_improvement": state.epochs_without_improvement,
+        "epoch_loss_sum": state.epoch_loss_sum,
+        "epoch_loss_tokens": state.epoch_loss_tokens,
         "history": state.history,
     }
     staging = target / f".{TRAINER_STATE}.tmp"
@@ -518,6 +530,8 @@ def _restore_latest(
         best_epoch=scalars["best_epoch"],
         best_valid_loss=scalars["best_valid_loss"],
         epochs_without_improvement=scalars["epochs_without_improvement"],
+        epoch_loss_sum=scalars.get("epoch_loss_sum", 0.0),
+        epoch_loss_tokens=scalars.get("epoch_loss_tokens", 0),
         history=scalars["history"],
         best_weights=best or None,
     )

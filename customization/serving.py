@@ -1,0 +1,310 @@
+"""The serving engine: one frozen base per process, many carry-ons, batched decoding.
+
+Framework-free; the web layer (webapp/serving) is a thin adapter over it.
+
+- Each base is loaded once per process, lazily, by the ``base_loader`` the caller passes.
+- Carry-ons live in an LRU cache bounded in bytes and keyed by (adapter id, artifact
+  sha256), so a replaced artifact is never served stale and an adapter is servable the
+  moment its artifact exists: no restart.
+- Every base has one decode thread running a ``BatchDecoder``: requests queued for that
+  base join the running batch between steps, so concurrent requests, including ones on
+  *different* carry-ons, share one base forward per decode step.
+- Admission is bounded: when ``max_pending`` requests are already waiting or running, a
+  new one is refused at once with ``EngineOverloaded`` (the API answers 429) rather than
+  piling up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from customization.base_model import FrozenBase
+from customization.carry_on import CarryOn
+from customization.checkpoint import load_carry_on
+from customization.config import GenerationConfig
+from customization.errors import CustomizationError, EngineOverloaded
+from customization.generation import BatchDecoder, DecodeCounters, DecodeSequence
+
+logger = logging.getLogger(__name__)
+
+BaseLoader = Callable[[str], FrozenBase]
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """Where a carry-on artifact is and what it must hash to."""
+
+    adapter_id: str
+    path: Path
+    sha256: str
+
+
+class AdapterCache:
+    """An LRU of loaded carry-ons bounded by their parameter bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[str, str], tuple[CarryOn, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0
+        self.hits = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(size for _, size in self._items.values())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, ref: AdapterRef, base: FrozenBase) -> CarryOn:
+        key = (ref.adapter_id, ref.sha256)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key][0]
+        # Load outside the lock: another request may load the same one; the last wins.
+        carry_on = load_carry_on(
+            ref.path,
+            base_fingerprints=[base.fingerprint()],
+            expected_sha256=ref.sha256,
+            device=base.device,
+        )
+        size = sum(p.numel() * p.element_size() for p in carry_on.parameters())
+        with self._lock:
+            self.loads += 1
+            # A new sha256 for the same adapter id replaces the old entry.
+            for stale in [k for k in self._items if k[0] == ref.adapter_id and k != key]:
+                del self._items[stale]
+            self._items[key] = (carry_on, size)
+            while self._items and self.nbytes > self.max_bytes and len(self._items) > 1:
+                self._items.popitem(last=False)
+        return carry_on
+
+    def evict(self, adapter_id: str) -> None:
+        with self._lock:
+            for key in [k for k in self._items if k[0] == adapter_id]:
+                del self._items[key]
+
+
+@dataclass
+class Event:
+    """One increment of a response: text, or the end (finish_reason set), or an error."""
+
+    index: int  # which choice (n > 1)
+    text: str = ""
+    token_id: int | None = None
+    finish_reason: str | None = None
+    error: CustomizationError | None = None
+
+
+@dataclass
+class Completion:
+    """A submitted request: iterate it for events; it ends after every choice finished."""
+
+    prompt_tokens: int
+    n: int
+    _events: queue.Queue[Event] = field(default_factory=queue.Queue)
+    _sequences: list[DecodeSequence] = field(default_factory=list)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    completion_tokens: int = 0
+
+    def events(self, timeout: float = 300.0) -> Iterator[Event]:
+        finished = 0
+        while finished < self.n:
+            try:
+                event = self._events.get(timeout=timeout)
+            except queue.Empty:
+                self.cancel()
+                raise CustomizationError(
+                    "the serving engine did not answer in time", code="engine_timeout"
+                ) from None
+            if event.error is not None:
+                raise event.error
+            if event.token_id is not None:
+                self.completion_tokens += 1
+            if event.finish_reason is not None:
+                finished += 1
+            yield event
+
+    def result(self, timeout: float = 300.0) -> list[tuple[str, str]]:
+        """(text, finish_reason) per choice, waiting for the end."""
+        texts = [""] * self.n
+        reasons = [""] * self.n
+        for event in self.events(timeout):
+            texts[event.index] += event.text
+            if event.finish_reason is not None:
+                reasons[event.index] = event.finish_reason
+        return list(zip(texts, reasons, strict=True))
+
+    def cancel(self) -> None:
+        """The client went away: its sequences leave the batch at the next step."""
+        self.cancelled.set()
+
+
+class _BaseWorker:
+    """The decode loop of one base: admits queued sequences, steps the batch."""
+
+    def __init__(self, base: FrozenBase, max_batch_size: int):
+        self.base = base
+        self.max_batch_size = max_batch_size
+        self.counters = DecodeCounters()  # survives decoder resets
+        self.decoder = BatchDecoder(base, counters=self.counters)
+        self.waiting: queue.Queue[tuple[DecodeSequence, Completion, int]] = queue.Queue()
+        self._owners: dict[int, tuple[Completion, int]] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"decode-{base.name}", daemon=True)
+        self.thread.start()
+
+    @property
+    def pending(self) -> int:
+        return self.decoder.active + self.waiting.qsize()
+
+    def submit(self, sequence: DecodeSequence, completion: Completion, index: int) -> None:
+        self.waiting.put((sequence, completion, index))
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.decoder.active and self.waiting.empty():
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                self._admit()
+                self._drop_cancelled()
+                for output in self.decoder.step():
+                    self._emit(output.sequence, output.text_delta, output.token_id)
+            except Exception as exc:  # a bug or OOM must not kill the loop silently
+                logger.exception("decode step failed")
+                self._fail_all(exc)
+
+    def _admit(self) -> None:
+        while self.decoder.active < self.max_batch_size:
+            try:
+                sequence, completion, index = self.waiting.get_nowait()
+            except queue.Empty:
+                return
+            if completion.cancelled.is_set():
+                continue
+            self._owners[id(sequence)] = (completion, index)
+            output = self.decoder.add(sequence)
+            self._emit(sequence, output.text_delta, output.token_id)
+
+    def _drop_cancelled(self) -> None:
+        for sequence in list(self.decoder.sequences):
+            completion, _ = self._owners[id(sequence)]
+            if completion.cancelled.is_set():
+                self.decoder.cancel(sequence)
+                self._owners.pop(id(sequence), None)
+
+    def _emit(self, sequence: DecodeSequence, text: str, token_id: int | None) -> None:
+        owner = self._owners.get(id(sequence))
+        if owner is None:
+            return
+        completion, index = owner
+        counted = (
+            token_id if token_id is not None and token_id not in sequence.stop_token_ids else None
+        )
+        completion._events.put(Event(index, text, counted, sequence.finish_reason))
+        if sequence.finished:
+            self._owners.pop(id(sequence), None)
+
+    def _fail_all(self, exc: Exception) -> None:
+        error = CustomizationError(f"generation failed: {exc}", code="server_error")
+        for completion, index in list(self._owners.values()):
+            completion._events.put(Event(index, error=error))
+        self._owners.clear()
+        self.decoder = BatchDecoder(self.base, counters=self.counters)
+
+
+class ServingEngine:
+    """Serves chat requests on lazily loaded bases with cached carry-ons."""
+
+    def __init__(
+        self,
+        base_loader: BaseLoader,
+        *,
+        max_batch_size: int = 8,
+        max_pending: int = 32,
+        adapter_cache_bytes: int = 512 * 1024 * 1024,
+    ):
+        self._base_loader = base_loader
+        self.max_batch_size = max_batch_size
+        self.max_pending = max_pending
+        self.adapters = AdapterCache(adapter_cache_bytes)
+        self._workers: dict[str, _BaseWorker] = {}
+        self._lock = threading.Lock()
+        self._admission = threading.Lock()
+
+    def base(self, name: str) -> FrozenBase:
+        return self._worker(name).base
+
+    def _worker(self, name: str) -> _BaseWorker:
+        with self._lock:
+            worker = self._workers.get(name)
+            if worker is None:
+                started = time.perf_counter()
+                worker = _BaseWorker(self._base_loader(name), self.max_batch_size)
+                self._workers[name] = worker
+                logger.info("loaded base %s in %.1f s", name, time.perf_counter() - started)
+            return worker
+
+    def counters(self, base_name: str) -> DecodeCounters:
+        return self._worker(base_name).counters
+
+    def pending(self) -> int:
+        return sum(w.pending for w in self._workers.values())
+
+    def encode_chat(self, base_name: str, messages: Sequence[dict[str, str]]) -> list[int]:
+        return self.base(base_name).tokenizer.encode_prompt(messages)
+
+    def submit(
+        self,
+        base_name: str,
+        prompt_ids: Sequence[int],
+        config: GenerationConfig,
+        *,
+        adapter: AdapterRef | None = None,
+        n: int = 1,
+    ) -> Completion:
+        """Queue a request (n choices); raises EngineOverloaded when the queue is full."""
+        worker = self._worker(base_name)
+        carry_on = self.adapters.get(adapter, worker.base) if adapter is not None else None
+        completion = Completion(prompt_tokens=len(prompt_ids), n=n)
+        sequences = []
+        for index in range(n):
+            choice_config = config
+            if n > 1 and config.seed is not None:
+                # Distinct but reproducible choices.
+                choice_config = dataclasses.replace(config, seed=config.seed + index)
+            sequences.append(worker.decoder.new_sequence(prompt_ids, choice_config, carry_on))
+        with self._admission:
+            if self.pending() + n > self.max_pending:
+                raise EngineOverloaded(
+                    f"the server is at capacity ({self.max_pending} requests in flight); "
+                    "retry shortly"
+                )
+            for index, sequence in enumerate(sequences):
+                worker.submit(sequence, completion, index)
+        completion._sequences = sequences
+        return completion
+
+    def shutdown(self) -> None:
+        for worker in self._workers.values():
+            worker.stop()
+        for worker in self._workers.values():
+            worker.thread.join(timeout=5)

@@ -1,0 +1,94 @@
+"""Small building blocks for the carry-on core's tests: bases, toy data, perturbed carry-ons."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from customization.base_model import FrozenBase
+from customization.carry_on import CarryOn
+from customization.config import CarryOnConfig
+from customization.datasets import Example
+from customization.training import build_carry_on
+from tests.helpers.tiny_models import tiny_base
+
+_WORDS = ("apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "comet", "maple", "ocean")
+
+
+def lively_base(*, seed: int = 0, name: str = "tiny") -> FrozenBase:
+    """A tiny random base whose weights are large enough that greedy decoding varies.
+
+    With the default init (std 0.02) a tiny random Llama repeats one token forever, which
+    would make token-for-token comparisons of decoders trivially true.
+    """
+    base = tiny_base(seed=seed, name=name)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param_name, param in base.model.named_parameters():
+            if param.dim() == 2:
+                std = 1.0 if "embed" in param_name else 0.3
+                param.normal_(0.0, std, generator=generator)
+    return base
+
+
+def tiny_config(**overrides: Any) -> CarryOnConfig:
+    """A carry-on shape small enough for sub-second tests."""
+    values: dict[str, Any] = {"d_model": 16, "n_blocks": 2, "n_heads": 2, **overrides}
+    return CarryOnConfig(**values)
+
+
+def new_carry_on(base: FrozenBase, config: CarryOnConfig, *, seed: int = 0) -> CarryOn:
+    """A freshly initialised carry-on for ``base`` (every tap reads the primary base)."""
+    return build_carry_on(
+        config,
+        tap_sizes=[base.hidden_size] * len(config.taps),
+        hidden_size=base.hidden_size,
+        seed=seed,
+    )
+
+
+def perturb(carry_on: CarryOn, *, seed: int, scale: float = 0.5) -> CarryOn:
+    """Move every weight away from its initial value, so the carry-on changes outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in carry_on.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
+    return carry_on.eval()
+
+
+def toy_examples(n: int, *, seed: int = 0) -> list[Example]:
+    """Chats whose answers follow a simple rule (repeat the word twice), one per line."""
+    rng = random.Random(seed)
+    examples = []
+    for index in range(n):
+        word = rng.choice(_WORDS)
+        messages = (
+            {"role": "user", "content": f"repeat {word}"},
+            {"role": "assistant", "content": f"{word} {word}"},
+        )
+        examples.append(Example(messages=messages, line=index + 1))
+    return examples
+
+
+def toy_jsonl(n: int, *, seed: int = 0) -> bytes:
+    """``toy_examples`` as an OpenAI chat JSONL upload."""
+    rows = [{"messages": list(e.messages)} for e in toy_examples(n, seed=seed)]
+    return "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8")
+
+
+def save_hf_base(base: FrozenBase, folder: Path) -> Path:
+    """Write ``base`` as a plain HF folder: model weights plus a tokenizer folder."""
+    base.model.save_pretrained(folder, safe_serialization=True)
+    base.tokenizer.tokenizer.save(str(folder / "tokenizer.json"))
+    tokenizer_config = {
+        "chat_template": base.tokenizer.chat_template,
+        "eos_token": base.tokenizer.eos_token,
+        "pad_token": base.tokenizer.pad_token,
+        "add_bos_token": False,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), "utf-8")
+    return folder
