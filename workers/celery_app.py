@@ -2,8 +2,10 @@
 
 import os
 from pathlib import Path
+from typing import Any
 
 from celery import Celery
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings.local")
 
@@ -21,3 +23,29 @@ def ensure_broker_folders() -> None:
 
 
 ensure_broker_folders()
+
+
+@worker_process_init.connect
+def _on_process_init(**_: Any) -> None:
+    from workers.runtime import warm_up
+
+    warm_up()
+
+
+@worker_ready.connect
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    # Jobs whose worker died (killed, machine lost) are resumed from here: the filesystem
+    # broker never redelivers, and Redis only after its visibility timeout.
+    from workers.runtime import start_sweeper, warm_up
+
+    pool = getattr(sender, "pool", None)
+    if pool is not None and type(pool).__module__.endswith(".solo"):
+        warm_up()  # a solo worker runs tasks in this very process (prefork: in its children)
+    start_sweeper()
+
+
+@worker_shutdown.connect
+def _on_worker_shutdown(**_: Any) -> None:
+    from workers.runtime import stop_sweeper
+
+    stop_sweeper()

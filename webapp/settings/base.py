@@ -131,7 +131,7 @@ LOGGING = {
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "filesystem://")
 CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {}
 if CELERY_BROKER_URL.startswith("filesystem://"):
-    _broker_dir = DATA_DIR / "broker"
+    _broker_dir = Path(os.environ.get("CARRY_ON_BROKER_DIR", DATA_DIR / "broker")).resolve()
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir / "queue"),
         "data_folder_out": str(_broker_dir / "queue"),
@@ -154,6 +154,12 @@ CELERY_TASK_TIME_LIMIT = int(os.environ.get("CARRY_ON_TASK_TIME_LIMIT", 6 * 3600
 CELERY_TASK_SOFT_TIME_LIMIT = CELERY_TASK_TIME_LIMIT - 60
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
+# Queues: default (validation, bookkeeping), embed (inference nodes holding the base),
+# train (training nodes). A worker picks its queues with -Q.
+CELERY_TASK_ROUTES = {
+    "workers.tasks.extract_job_features": {"queue": "embed"},
+    "workers.tasks.train_job": {"queue": "train"},
+}
 
 # -- The carry-on platform ------------------------------------------------------------------
 CARRY_ON = {
@@ -163,6 +169,12 @@ CARRY_ON = {
     "DEVICE": os.environ.get("CARRY_ON_DEVICE", "auto"),
     # seconds without a heartbeat after which a running job counts as orphaned
     "HEARTBEAT_TIMEOUT": int(os.environ.get("CARRY_ON_HEARTBEAT_TIMEOUT", "120")),
+    # how often a running task refreshes its heartbeat and checks for cancellation
+    "HEARTBEAT_INTERVAL": float(os.environ.get("CARRY_ON_HEARTBEAT_INTERVAL", "5")),
+    # a stage whose worker dies this many times fails instead of being resumed again
+    "MAX_ATTEMPTS": int(os.environ.get("CARRY_ON_MAX_ATTEMPTS", "3")),
+    # the longest example (in tokens of the job's base) an upload or a job accepts
+    "MAX_EXAMPLE_TOKENS": int(os.environ.get("CARRY_ON_MAX_EXAMPLE_TOKENS", "4096")),
     # register the bundled SmolLM2 as the default base when no base exists
     "BUNDLED_BASE": env_bool("CARRY_ON_BUNDLED_BASE", True),
 }

@@ -15,7 +15,17 @@ os.environ.setdefault("CARRY_ON_MODELS_DIR", str(_REPO / "data" / "base_models")
 os.environ.setdefault("CARRY_ON_TORCH_THREADS", "2")
 
 from webapp.settings.base import *  # noqa: E402, F403
+from webapp.settings.base import DATA_DIR, DATABASES, env_bool  # noqa: E402
 
 SECRET_KEY = "test-only-insecure-key"
 DEBUG = False
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+STATIC_ROOT = DATA_DIR / "staticfiles"
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # whitenoise warns about a missing one
+
+# Fast tests run the Celery pipeline in-process (tasks are sent on commit and run at once);
+# the integration tests start real workers with CELERY_TASK_ALWAYS_EAGER=0.
+CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", True)
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # A file, not :memory:, so worker subprocesses of the integration tests can share it.
+    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test-db.sqlite3")}

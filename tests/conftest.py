@@ -1,0 +1,48 @@
+"""Fixtures shared by the web-platform and worker tests: a data directory, a tiny base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture
+def data_dir(settings: Any, tmp_path: Path) -> Path:
+    """A fresh DATA_DIR for the test: uploads, features, checkpoints and adapters."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    settings.DATA_DIR = folder
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with a byte-level ChatML tokenizer, saved as an HF folder."""
+    from tests.helpers.carry_on_kit import save_hf_base
+    from tests.helpers.tiny_models import tiny_base
+
+    return save_hf_base(tiny_base(seed=0, name="tiny"), tmp_path_factory.mktemp("tiny-base"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base_fingerprint(tiny_base_dir: Path) -> dict[str, Any]:
+    from customization.base_model import load_base_model
+
+    return load_base_model(tiny_base_dir, name="tiny").fingerprint().to_dict()
+
+
+@pytest.fixture
+def tiny_base_model(db: None, tiny_base_dir: Path, tiny_base_fingerprint: dict[str, Any]) -> Any:
+    """The tiny base registered as the default BaseModel."""
+    from webapp.customizations.services.base_models import base_model_register
+
+    return base_model_register(
+        name="tiny",
+        source=str(tiny_base_dir),
+        source_type="folder",
+        path=tiny_base_dir,
+        fingerprint=tiny_base_fingerprint,
+        default=True,
+    )

@@ -1,0 +1,29 @@
+"""Reads for accounts, always filtered by the requesting user."""
+
+from __future__ import annotations
+
+from django.db.models import QuerySet
+
+from webapp.accounts.models import ApiKey, User
+from webapp.accounts.services import hash_api_key
+from webapp.core.exceptions import NotFoundError
+
+
+def api_key_list(*, user: User) -> QuerySet[ApiKey]:
+    return ApiKey.objects.filter(user=user).order_by("-created_at")
+
+
+def api_key_get(*, user: User, key_id: int) -> ApiKey:
+    key = api_key_list(user=user).filter(pk=key_id).first()
+    if key is None:
+        raise NotFoundError(f"No API key with id {key_id}", param="id")
+    return key
+
+
+def api_key_authenticate(*, raw_key: str) -> ApiKey | None:
+    """The active key matching ``raw_key`` (with an active user), or None."""
+    return (
+        ApiKey.objects.select_related("user")
+        .filter(hashed_key=hash_api_key(raw_key), revoked_at__isnull=True, user__is_active=True)
+        .first()
+    )

@@ -1,0 +1,72 @@
+"""Register a base model from an HF folder, a GGUF file, an HF hub id, or the bundled one."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from webapp.core.exceptions import ApplicationError
+from webapp.customizations.management.commands._base_models import (
+    prepare_gguf,
+    prepare_hub,
+    register_bundled,
+    register_folder,
+)
+from webapp.customizations.models import BaseModel
+
+
+class Command(BaseCommand):
+    help = (
+        "Register (or update) a base model: SOURCE is a local HF folder, a .gguf file, an HF "
+        "hub id (where the hub is reachable) or 'bundled'. Loads it once to fingerprint it."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("source")
+        parser.add_argument("--name", help="name used in model ids (default: from the source)")
+        parser.add_argument("--revision", default="", help="hub revision (hub ids only)")
+        parser.add_argument("--default", action="store_true", help="make it the default base")
+        parser.add_argument("--disabled", action="store_true", help="register it disabled")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        from customization.errors import CustomizationError
+
+        source: str = options["source"]
+        try:
+            if source == "bundled":
+                base = register_bundled(default=options["default"])
+            else:
+                base = self._register(source, options)
+        except (ApplicationError, CustomizationError) as exc:
+            raise CommandError(exc.message) from exc
+        except OSError as exc:
+            raise CommandError(str(exc)) from exc
+        flags = " (default)" if base.is_default else ""
+        self.stdout.write(f"registered {base.name}{flags}: {base.path} [{base.fingerprint_key}]")
+
+    def _register(self, source: str, options: dict[str, Any]) -> BaseModel:
+        path = Path(source).expanduser()
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise CommandError(f"{path} does not exist")
+            name = options["name"] or path.stem
+            folder, kind = prepare_gguf(path.resolve(), name), BaseModel.SourceType.GGUF
+        elif path.is_dir():
+            name = options["name"] or path.resolve().name
+            folder, kind = path.resolve(), BaseModel.SourceType.FOLDER
+        else:
+            name = options["name"] or re.sub(r"[^A-Za-z0-9._-]", "-", source.split("/")[-1])
+            folder = prepare_hub(source, options["revision"], name)
+            kind = BaseModel.SourceType.HUB
+        return register_folder(
+            name=name,
+            source=source,
+            source_type=kind,
+            path=folder,
+            revision=options["revision"],
+            default=options["default"],
+            enabled=not options["disabled"],
+        )

@@ -1,0 +1,162 @@
+"""Uploading datasets: size limits, validation with line numbers, token counts, storage."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from typing import Any, Protocol
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+
+from webapp.accounts.models import User
+from webapp.core.exceptions import ApplicationError, ConflictError, PayloadTooLargeError
+from webapp.core.utils import data_path, remove_artifact, write_bytes_atomic
+from webapp.customizations.models import BaseModel, FeatureSet, File, FineTuningJob
+from webapp.customizations.services.base_models import base_tokenizer
+
+PURPOSES = ("fine-tune",)
+MAX_PROBLEMS_SHOWN = 200
+_UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class Upload(Protocol):
+    """What Django's UploadedFile offers and file_create needs."""
+
+    name: str | None
+    size: int | None
+
+    def chunks(self, chunk_size: int | None = None) -> Any: ...
+
+
+def _read_upload(upload: Upload, limit: int) -> bytes:
+    if upload.size is not None and upload.size > limit:
+        raise PayloadTooLargeError(
+            f"The file is {upload.size} bytes; the limit is {limit} bytes.",
+            param="file",
+            code="file_too_large",
+        )
+    parts: list[bytes] = []
+    total = 0
+    for chunk in upload.chunks():
+        total += len(chunk)
+        if total > limit:
+            raise PayloadTooLargeError(
+                f"The file is larger than the limit of {limit} bytes.",
+                param="file",
+                code="file_too_large",
+            )
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def display_filename(name: str | None) -> str:
+    """The uploaded name for display only: no directories, no control characters."""
+    base = os.path.basename((name or "").replace("\\", "/"))
+    return _UNSAFE_NAME.sub("", base)[:255] or "upload.jsonl"
+
+
+def validate_dataset(data: bytes, *, base: BaseModel | None) -> dict[str, Any]:
+    """Structure (every problem with its line) and, with a base, token counts per example."""
+    from customization.datasets import DatasetLimits, parse_dataset
+    from customization.errors import DatasetFormatError
+    from customization.tokenizer import tokenize_examples
+
+    limits = DatasetLimits(max_bytes=settings.CARRY_ON_MAX_UPLOAD_BYTES)
+    parsed = parse_dataset(data, limits=limits)
+    report = parsed.report.to_dict()
+    problems = list(report["problems"])
+    token_limit = int(settings.CARRY_ON["MAX_EXAMPLE_TOKENS"])
+    report.update(n_tokens=None, max_example_tokens=None, token_limit=token_limit, tokenizer=None)
+    if base is not None and parsed.examples:
+        tokenizer = base_tokenizer(base)
+        report["tokenizer"] = base.name
+        try:
+            tokenized = tokenize_examples(
+                parsed.examples, tokenizer, max_length=token_limit, overflow="error"
+            )
+        except DatasetFormatError as exc:
+            problems.extend(p.to_dict() for p in exc.problems)
+        else:
+            lengths = [len(t.input_ids) for t in tokenized]
+            report.update(n_tokens=sum(lengths), max_example_tokens=max(lengths))
+    # Line problems in file order, whole-file problems (line 0) after them.
+    problems.sort(key=lambda p: (p["line"] == 0, p["line"]))
+    if len(problems) > MAX_PROBLEMS_SHOWN:
+        hidden = len(problems) - MAX_PROBLEMS_SHOWN
+        problems = problems[:MAX_PROBLEMS_SHOWN]
+        problems.append(
+            {"line": 0, "message": f"{hidden} more problem(s) not shown", "snippet": ""}
+        )
+    report.update(problems=problems, ok=not problems)
+    return report
+
+
+def file_create(*, user: User, upload: Upload, purpose: str = "fine-tune") -> File:
+    """Store and validate an upload. An invalid file is kept with status ``error``."""
+    if purpose not in PURPOSES:
+        raise ApplicationError(
+            f"purpose must be one of {', '.join(PURPOSES)}", param="purpose", code="invalid_purpose"
+        )
+    data = _read_upload(upload, settings.CARRY_ON_MAX_UPLOAD_BYTES)
+    base = BaseModel.objects.filter(is_default=True, enabled=True).first()
+    report = validate_dataset(data, base=base)
+    file = File(
+        owner=user,
+        purpose=purpose,
+        filename=display_filename(upload.name),
+        bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        format=report["format"] or "",
+        n_lines=report["n_lines"],
+        n_examples=report["n_examples"],
+        n_tokens=report["n_tokens"],
+        max_example_tokens=report["max_example_tokens"],
+        report=report,
+        status=File.Status.PROCESSED if report["ok"] else File.Status.ERROR,
+    )
+    # The artifact first, then the row that points at it; an orphan is left to gc.
+    relative = f"files/{file.id}.jsonl"
+    write_bytes_atomic(data_path(relative), data)
+    file.path = relative
+    file.save()
+    return file
+
+
+def file_read(*, file: File) -> bytes:
+    try:
+        return data_path(file.path).read_bytes()
+    except (FileNotFoundError, ValueError):
+        raise ApplicationError(
+            f"the content of {file.id} is missing from storage",
+            code="file_missing",
+            status=500,
+            type="server_error",
+        ) from None
+
+
+@transaction.atomic
+def file_delete(*, file: File) -> None:
+    """Delete a file, its stored content and, if no copy remains, features made from it."""
+    busy = FineTuningJob.objects.filter(
+        status__in=[
+            FineTuningJob.Status.VALIDATING_FILES,
+            FineTuningJob.Status.QUEUED,
+            FineTuningJob.Status.RUNNING,
+        ]
+    ).filter(Q(training_file=file) | Q(validation_file=file))
+    if busy.exists():
+        raise ConflictError(
+            f"{file.id} is used by an active fine-tuning job; cancel it first", code="file_in_use"
+        )
+    path, sha = file.path, file.sha256
+    file.delete()
+    removed: list[str] = [path]
+    if not File.objects.filter(sha256=sha).exists():
+        # Hidden states are derived from the user's data: they go with its last copy.
+        derived = FeatureSet.objects.filter(dataset_sha256__startswith=sha)
+        removed.extend(fs.path for fs in derived if fs.path)
+        derived.delete()
+    transaction.on_commit(lambda: [remove_artifact(p) for p in removed])

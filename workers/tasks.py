@@ -1,0 +1,312 @@
+"""Celery tasks: take a job id, claim the job, call the carry-on core, record through services.
+
+Each stage is idempotent: a task whose job moved on, was cancelled or is held by a live
+worker does nothing. Transient infrastructure errors (database, broker) are retried with
+backoff; any other error fails the job with a clear ``{code, message, param}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+from django.db import InterfaceError, OperationalError
+from kombu.exceptions import OperationalError as BrokerError
+
+from webapp.core.exceptions import ApplicationError
+from webapp.core.utils import data_path, remove_artifact
+from webapp.customizations.models import FeatureSet, FineTuningJob
+from webapp.customizations.services.jobs import job_event_create, job_model_name
+from webapp.customizations.services.pipeline import (
+    checkpoint_record,
+    feature_set_ready,
+    job_carry_on_config,
+    job_claim,
+    job_extraction_done,
+    job_fail,
+    job_feature_config,
+    job_record_metrics,
+    job_release,
+    job_splits,
+    job_succeed,
+    job_tokenize,
+    job_training_config,
+    job_training_resumed,
+    job_validate_files,
+)
+from workers import runtime
+from workers.celery_app import app
+
+logger = logging.getLogger(__name__)
+
+TRANSIENT = (OperationalError, InterfaceError, BrokerError, ConnectionError, TimeoutError)
+STAGE_OPTIONS: dict[str, Any] = {
+    "bind": True,
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "max_retries": 5,
+}
+Body = Callable[[FineTuningJob, str], None]
+
+
+def _run_stage(task: Any, job_id: str, stage: str, body: Body) -> str:
+    """Claim, run, and turn every outcome into a job state (never an unfinished job)."""
+    from customization.errors import CustomizationError, TrainingCancelled
+
+    worker = runtime.worker_identity(task.request)
+    job = job_claim(job_id=job_id, stage=stage, worker=worker)
+    if job is None:
+        logger.info("%s of %s: nothing to do (finished, cancelled or held)", stage, job_id)
+        return "skipped"
+    try:
+        body(job, worker)
+        return "done"
+    except TrainingCancelled:
+        return "stopped"
+    except TRANSIENT as exc:
+        job_release(job_id=job_id, worker=worker)
+        if task.request.retries < task.max_retries:
+            countdown = min(300, 5 * 2**task.request.retries)
+            logger.warning(
+                "%s of %s: transient error %r; retry in %s s", stage, job_id, exc, countdown
+            )
+            raise task.retry(exc=exc, countdown=countdown) from exc
+        job_fail(
+            job=job, code="infrastructure_error", message=f"The {stage} stage kept failing: {exc}"
+        )
+    except CustomizationError as exc:
+        job_fail(job=job, worker=worker, code=exc.code, message=exc.message, param=exc.param)
+    except ApplicationError as exc:
+        job_fail(
+            job=job,
+            worker=worker,
+            code=exc.code or "invalid_request",
+            message=exc.message,
+            param=exc.param,
+        )
+    except SoftTimeLimitExceeded:
+        job_fail(
+            job=job,
+            worker=worker,
+            code="timeout",
+            message=f"The {stage} stage ran past its time limit",
+        )
+    except Exception as exc:
+        logger.exception("%s of %s failed", stage, job_id)
+        job_fail(
+            job=job,
+            worker=worker,
+            code="internal_error",
+            message=f"Internal error during {stage}: {type(exc).__name__}: {exc}",
+        )
+    return "failed"
+
+
+# -- validation (queue default) ---------------------------------------------------------------
+
+
+@app.task(**STAGE_OPTIONS, soft_time_limit=600, time_limit=660)
+def validate_job_files(self: Any, job_id: str) -> str:
+    """Check the files against the job's base and queue extraction or training."""
+    return _run_stage(
+        self, job_id, "validating", lambda job, worker: job_validate_files(job=job, worker=worker)
+    )
+
+
+# -- extraction (queue embed) -----------------------------------------------------------------
+
+
+@app.task(**STAGE_OPTIONS)
+def extract_job_features(self: Any, job_id: str) -> str:
+    """Run the frozen base once over the job's data; cache its hidden states."""
+    return _run_stage(self, job_id, FineTuningJob.Stage.EXTRACTING, _extract)
+
+
+def _extract(job: FineTuningJob, worker: str) -> None:
+    from customization.errors import TrainingCancelled
+    from customization.features import extract_features
+
+    heartbeat = runtime.Heartbeat(job, worker)
+    job_event_create(
+        job=job,
+        message=f"Extracting hidden states with {job.base.name}",
+        data={"worker": worker},
+    )
+    base = runtime.load_base(job.base)
+    splits = job_splits(job)
+    config = job_feature_config(job)
+    todo = [
+        (feature_set, examples)
+        for feature_set, examples in (
+            (job.train_features, splits.train),
+            (job.valid_features, splits.valid),
+        )
+        if feature_set is not None and feature_set.status != FeatureSet.Status.READY
+    ]
+    total = max(1, sum(len(examples) for _, examples in todo))
+    done = 0
+    for feature_set, examples in todo:
+        tokenized = job_tokenize(job, examples, max_length=config.max_length)
+        offset = done
+        result = extract_features(
+            base,
+            tokenized,
+            config,
+            cache_dir=data_path("features"),
+            key=feature_set.key,
+            progress=lambda n, _total, offset=offset: heartbeat.update((offset + n) / total),
+            cancel=heartbeat.should_stop,
+        )
+        feature_set_ready(feature_set=feature_set, path=result.path, manifest=result.manifest)
+        done += len(examples)
+    heartbeat.beat(force=True)
+    if heartbeat.stopped:
+        raise TrainingCancelled("extraction stopped")
+    job_extraction_done(job=job, worker=worker)
+
+
+# -- training (queue train) -------------------------------------------------------------------
+
+
+@app.task(**STAGE_OPTIONS)
+def train_job(self: Any, job_id: str) -> str:
+    """Train the carry-on on cached features, resuming from the newest checkpoint."""
+    return _run_stage(self, job_id, FineTuningJob.Stage.TRAINING, _train)
+
+
+class TrainingRecorder:
+    """Turns the trainer's callbacks into job progress, metrics events and checkpoints."""
+
+    def __init__(self, job: FineTuningJob, heartbeat: runtime.Heartbeat, epochs: int):
+        self.job = job
+        self.heartbeat = heartbeat
+        self.epochs = epochs
+        self.last_step: dict[str, Any] = {}
+
+    def progress(self, p: dict[str, Any]) -> None:
+        keys = ("step", "total_steps", "epoch", "train_loss", "learning_rate", "tokens_per_second")
+        self.last_step = {key: p[key] for key in keys}
+        job_record_metrics(
+            job=self.job,
+            data=self.last_step,
+            message=f"Step {p['step']}/{p['total_steps']}: training loss={p['train_loss']:.4f}",
+        )
+        self.heartbeat.update(p["step"] / max(1, p["total_steps"]), p["trained_tokens"])
+
+    def metrics(self, m: dict[str, Any]) -> None:
+        data = {
+            "step": m["step"],
+            "epoch": m["epoch"],
+            "epoch_train_loss": m["train_loss"],
+            "valid_loss": m.get("valid_loss"),
+            "valid_mean_token_accuracy": m.get("valid_token_accuracy"),
+            "tokens_per_second": m["tokens_per_second"],
+        }
+        message = f"Epoch {m['epoch']}/{self.epochs}: training loss={m['train_loss']:.4f}"
+        if m.get("valid_loss") is not None:
+            message += (
+                f", validation loss={m['valid_loss']:.4f}, "
+                f"validation token accuracy={m['valid_token_accuracy']:.3f}"
+            )
+        job_record_metrics(job=self.job, data=data, message=message)
+
+    def checkpoint(self, step: int, info: Any, epoch_metrics: dict[str, Any]) -> None:
+        metrics = dict(self.last_step)
+        if epoch_metrics.get("step") == step:
+            metrics.update(valid_loss=epoch_metrics.get("valid_loss"))
+        checkpoint_record(
+            job=self.job,
+            step=step,
+            path=info.path,
+            sha256=info.sha256,
+            nbytes=info.nbytes,
+            metrics=metrics,
+        )
+
+
+def _open_features(feature_set: FeatureSet | None, base_key: str) -> Any:
+    from customization.errors import ArtifactError
+    from customization.features import FeatureSet as CachedFeatures
+
+    if feature_set is None or feature_set.status != FeatureSet.Status.READY:
+        raise ArtifactError("the job's cached features are missing; retry the job to extract them")
+    cached = CachedFeatures.open(data_path(feature_set.path))
+    cached.check_base([base_key])
+    return cached.load()
+
+
+def _train(job: FineTuningJob, worker: str) -> None:
+    from customization.checkpoint import save_carry_on
+    from customization.training import TrainingCallbacks, build_carry_on, train_carry_on
+
+    heartbeat = runtime.Heartbeat(job, worker)
+    base = runtime.load_base(job.base)
+    fingerprint = base.fingerprint()
+    train_data = _open_features(job.train_features, fingerprint.key)
+    valid_data = _open_features(job.valid_features, fingerprint.key) if job.valid_features else None
+    config, training = job_carry_on_config(job), job_training_config(job)
+    checkpoints = data_path(f"jobs/{job.id}/checkpoints")
+    resumed_at = runtime.latest_checkpoint_step(checkpoints)
+    if resumed_at is not None:
+        job_training_resumed(job=job, step=resumed_at, worker=worker)
+    else:
+        job_event_create(
+            job=job,
+            message=f"Training started on {len(train_data)} examples",
+            data={"worker": worker},
+        )
+    carry_on = build_carry_on(
+        config,
+        tap_sizes=[base.hidden_size] * len(config.taps),
+        hidden_size=base.hidden_size,
+        seed=training.seed,
+    ).to(base.device)
+    recorder = TrainingRecorder(job, heartbeat, training.epochs)
+    result = train_carry_on(
+        carry_on,
+        train_data,
+        base.head_weight,
+        training,
+        num_layers=base.num_layers,
+        base_fingerprints=[fingerprint],
+        valid_data=valid_data,
+        checkpoint_dir=checkpoints,
+        resume=True,
+        callbacks=TrainingCallbacks(
+            on_progress=recorder.progress,
+            on_metrics=recorder.metrics,
+            on_checkpoint=recorder.checkpoint,
+            should_cancel=heartbeat.should_stop,
+        ),
+    )
+    relative = f"adapters/{job.id}"
+    info = save_carry_on(
+        result.carry_on,
+        data_path(relative),
+        base_fingerprints=[fingerprint],
+        metadata={"job": job.id, "name": job_model_name(job)},
+    )
+    last = result.history[-1] if result.history else {}
+    adapter = job_succeed(
+        job=job,
+        worker=worker,
+        path=info.path,
+        sha256=info.sha256,
+        nbytes=info.nbytes,
+        n_parameters=info.num_parameters,
+        trained_tokens=result.trained_tokens,
+        metrics={
+            "steps": result.steps,
+            "trained_tokens": result.trained_tokens,
+            "best_epoch": result.best_epoch,
+            "best_valid_loss": result.best_valid_loss,
+            "stopped_early": result.stopped_early,
+            "train_loss": last.get("train_loss"),
+            "valid_loss": last.get("valid_loss"),
+            "valid_mean_token_accuracy": last.get("valid_token_accuracy"),
+        },
+    )
+    if adapter is None:  # cancelled at the last moment: the artifact has no record
+        remove_artifact(relative)
