@@ -191,6 +191,10 @@ class GenerationConfig(_Config):
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
+    # OpenAI's penalties: logit -= frequency_penalty * count + presence_penalty * (count > 0),
+    # counted over the generated tokens.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     format_version: int = FORMAT_VERSION
@@ -203,6 +207,8 @@ class GenerationConfig(_Config):
             raise ValueError("top_p must be in (0, 1], got 0")
         _check_range("top_k", self.top_k, 0, 1_000_000)
         _check_range("repetition_penalty", self.repetition_penalty, 0.01, 10.0)
+        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
         if len(self.stop) > 4:
             raise ValueError(f"stop takes at most 4 strings, got {len(self.stop)}")
         if any(not s for s in self.stop):

@@ -117,6 +117,15 @@ def _apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: fl
     logits[index] = torch.where(values > 0, values / penalty, values * penalty)
 
 
+def _apply_openai_penalties(
+    logits: torch.Tensor, generated: list[int], config: GenerationConfig
+) -> None:
+    if not generated or (config.frequency_penalty == 0.0 and config.presence_penalty == 0.0):
+        return
+    tokens, counts = torch.tensor(generated, device=logits.device).unique(return_counts=True)
+    logits[tokens] -= config.frequency_penalty * counts.to(logits.dtype) + config.presence_penalty
+
+
 def sample_token(logits: torch.Tensor, sequence: DecodeSequence) -> int:
     """Pick the next token for one sequence from its logits (V,)."""
     config = sequence.config
@@ -124,6 +133,7 @@ def sample_token(logits: torch.Tensor, sequence: DecodeSequence) -> int:
     _apply_repetition_penalty(
         logits, sequence.prompt_ids + sequence.generated, config.repetition_penalty
     )
+    _apply_openai_penalties(logits, sequence.generated, config)
     if config.greedy:
         return int(logits.argmax())
     logits = logits / config.temperature

@@ -6,6 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.conf import settings
+
+pytest_plugins = ["tests.helpers.celery_workers"]
 
 
 @pytest.fixture
@@ -44,5 +47,25 @@ def tiny_base_model(db: None, tiny_base_dir: Path, tiny_base_fingerprint: dict[s
         source_type="folder",
         path=tiny_base_dir,
         fingerprint=tiny_base_fingerprint,
+        default=True,
+    )
+
+
+@pytest.fixture
+def smollm2(db: None) -> Any:
+    """The real bundled base, registered as the default (skipped where it is not prepared)."""
+    from customization.base_model import BUNDLED_NAME, load_base_model
+    from webapp.customizations.services.base_models import base_model_register
+
+    folder = Path(settings.MODELS_DIR) / BUNDLED_NAME
+    if not (folder / "model.safetensors").is_file():
+        pytest.skip("the bundled base is not prepared (manage.py prepare_base_model)")
+    fingerprint = load_base_model(folder, name=BUNDLED_NAME).fingerprint().to_dict()
+    return base_model_register(
+        name=BUNDLED_NAME,
+        source="bundled",
+        source_type="bundled",
+        path=folder,
+        fingerprint=fingerprint,
         default=True,
     )

@@ -13,5 +13,6 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
     path("healthz", healthz, name="healthz"),
+    path("v1/", include("webapp.api_urls")),
     path("", include("webapp.customizations.urls")),
 ]

@@ -5,6 +5,8 @@ Another user's id is indistinguishable from a missing one: both raise ``NotFound
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from django.db.models import QuerySet
@@ -19,6 +21,7 @@ from webapp.customizations.models import (
     FineTuningJob,
     JobEvent,
 )
+from webapp.customizations.services.jobs import job_model_name
 
 
 def base_model_list(*, enabled_only: bool = True) -> QuerySet[BaseModel]:
@@ -102,3 +105,54 @@ def adapter_get(*, user: User, name: str) -> Adapter:
     if adapter is None:
         raise NotFoundError(f"The model '{name}' does not exist", param="model")
     return adapter
+
+
+@dataclass(frozen=True)
+class ServableModel:
+    """What a ``model`` name in a request resolves to: a base, plus a carry-on artifact."""
+
+    name: str
+    base: BaseModel
+    adapter_id: str | None = None  # the cache identity of the carry-on
+    path: str | None = None  # relative to DATA_DIR
+    sha256: str | None = None
+
+
+_CHECKPOINT_SUFFIX = re.compile(r"^(?P<model>.+):ckpt-step-(?P<step>\d+)$")
+
+
+def model_resolve(*, user: User, name: str) -> ServableModel:
+    """A base, one of the caller's active adapters, or one of their checkpoints by name.
+
+    Another user's adapter, a deactivated one and a missing one all read as "does not
+    exist": the permission check happens here, before a request joins a batch.
+    """
+    base = base_model_list().filter(name=name).first()
+    if base is not None:
+        return ServableModel(name=name, base=base)
+    adapter = adapter_list(user=user, active_only=True).filter(name=name).first()
+    if adapter is not None and adapter.base.enabled:
+        return ServableModel(
+            name=name, base=adapter.base, adapter_id=adapter.name, path=adapter.path,
+            sha256=adapter.sha256,
+        )  # fmt: skip
+    match = _CHECKPOINT_SUFFIX.match(name)
+    if match is not None:
+        job_id = match["model"].rsplit(":", 1)[-1]
+        checkpoint = (
+            Checkpoint.objects.filter(job__owner=user, job_id=job_id, step=int(match["step"]))
+            .select_related("job__base")
+            .first()
+        )
+        if (
+            checkpoint is not None
+            and checkpoint.job.base.enabled
+            and job_model_name(checkpoint.job) == match["model"]
+        ):
+            return ServableModel(
+                name=name, base=checkpoint.job.base, adapter_id=checkpoint.pk,
+                path=checkpoint.path, sha256=checkpoint.sha256,
+            )  # fmt: skip
+    raise NotFoundError(
+        f"The model '{name}' does not exist or you do not have access to it.", param="model"
+    )

@@ -48,6 +48,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "webapp.core.middleware.BodySizeLimitMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -175,6 +176,15 @@ CARRY_ON = {
     "MAX_ATTEMPTS": int(os.environ.get("CARRY_ON_MAX_ATTEMPTS", "3")),
     # the longest example (in tokens of the job's base) an upload or a job accepts
     "MAX_EXAMPLE_TOKENS": int(os.environ.get("CARRY_ON_MAX_EXAMPLE_TOKENS", "4096")),
+    # API requests per minute per key (429 with retry-after beyond it)
+    "RATE_LIMIT_PER_MINUTE": int(os.environ.get("CARRY_ON_RATE_LIMIT_PER_MINUTE", "600")),
+    # the serving engine of each web process
+    "SERVING_MAX_BATCH": int(os.environ.get("CARRY_ON_SERVING_MAX_BATCH", "8")),
+    "SERVING_MAX_PENDING": int(os.environ.get("CARRY_ON_SERVING_MAX_PENDING", "32")),
+    "SERVING_ADAPTER_CACHE_BYTES": int(
+        os.environ.get("CARRY_ON_SERVING_ADAPTER_CACHE_BYTES", str(512 * 1024 * 1024))
+    ),
+    "SERVING_DEFAULT_MAX_TOKENS": int(os.environ.get("CARRY_ON_SERVING_DEFAULT_MAX_TOKENS", "512")),
     # register the bundled SmolLM2 as the default base when no base exists
     "BUNDLED_BASE": env_bool("CARRY_ON_BUNDLED_BASE", True),
 }
@@ -182,11 +192,31 @@ CARRY_ON = {
 # -- REST API -------------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "EXCEPTION_HANDLER": "webapp.core.api.exception_handler",
     "UNAUTHENTICATED_USER": None,
+}
+# Rate-limit counters: per process by default; point CARRY_ON_CACHE_URL at Redis so that
+# several web processes share them.
+CACHES = {
+    "default": (
+        {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": os.environ["CARRY_ON_CACHE_URL"],
+        }
+        if os.environ.get("CARRY_ON_CACHE_URL")
+        else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+    )
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Carry-On Studio API",
     "DESCRIPTION": "OpenAI-compatible fine-tuning and chat completions with carry-ons.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SCHEMA_PATH_PREFIX": "/v1",
+    "SERVERS": [{"url": "/"}],
+    "COMPONENT_SPLIT_REQUEST": True,
+    "APPEND_COMPONENTS": {"securitySchemes": {"ApiKey": {"type": "http", "scheme": "bearer"}}},
+    "SECURITY": [{"ApiKey": []}],
+    "AUTHENTICATION_WHITELIST": [],
 }

@@ -94,8 +94,14 @@ def validate_dataset(data: bytes, *, base: BaseModel | None) -> dict[str, Any]:
     return report
 
 
-def file_create(*, user: User, upload: Upload, purpose: str = "fine-tune") -> File:
-    """Store and validate an upload. An invalid file is kept with status ``error``."""
+def file_create(
+    *, user: User, upload: Upload, purpose: str = "fine-tune", keep_invalid: bool = True
+) -> File:
+    """Store and validate an upload.
+
+    An invalid file is kept with status ``error`` (the browser shows its report), or, with
+    ``keep_invalid=False`` (the API), refused with a 400 naming its lines and not stored.
+    """
     if purpose not in PURPOSES:
         raise ApplicationError(
             f"purpose must be one of {', '.join(PURPOSES)}", param="purpose", code="invalid_purpose"
@@ -103,6 +109,8 @@ def file_create(*, user: User, upload: Upload, purpose: str = "fine-tune") -> Fi
     data = _read_upload(upload, settings.CARRY_ON_MAX_UPLOAD_BYTES)
     base = BaseModel.objects.filter(is_default=True, enabled=True).first()
     report = validate_dataset(data, base=base)
+    if not report["ok"] and not keep_invalid:
+        raise ApplicationError(_report_summary(report), param="file", code="invalid_training_file")
     file = File(
         owner=user,
         purpose=purpose,
@@ -123,6 +131,15 @@ def file_create(*, user: User, upload: Upload, purpose: str = "fine-tune") -> Fi
     file.path = relative
     file.save()
     return file
+
+
+def _report_summary(report: dict[str, Any], shown: int = 5) -> str:
+    problems = report["problems"]
+    lines = "; ".join(
+        (f"line {p['line']}: " if p["line"] else "") + p["message"] for p in problems[:shown]
+    )
+    more = f" (and {len(problems) - shown} more)" if len(problems) > shown else ""
+    return f"The file has {len(problems)} problem(s): {lines}{more}"
 
 
 def file_read(*, file: File) -> bytes:

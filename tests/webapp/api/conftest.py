@@ -1,0 +1,94 @@
+"""Fixtures for the REST API: a user with a bearer key, a lively tiny base, real adapters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rest_framework.test import APIClient
+
+from tests.factories import FineTuningJobFactory, UserFactory
+from webapp.accounts.services import api_key_create
+
+
+@pytest.fixture(scope="session")
+def lively_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny base whose greedy replies vary with the prompt (so adapters visibly differ)."""
+    from tests.helpers.carry_on_kit import lively_base, save_hf_base
+
+    return save_hf_base(lively_base(seed=5, name="lively"), tmp_path_factory.mktemp("lively"))
+
+
+@pytest.fixture
+def lively_base_model(db: None, lively_base_dir: Path) -> Any:
+    from customization.base_model import load_base_model
+    from webapp.customizations.services.base_models import base_model_register
+
+    fingerprint = load_base_model(lively_base_dir, name="lively").fingerprint().to_dict()
+    return base_model_register(
+        name="lively",
+        source=str(lively_base_dir),
+        source_type="folder",
+        path=lively_base_dir,
+        fingerprint=fingerprint,
+        default=True,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _fresh_engine() -> Iterator[None]:
+    """Each test starts with no serving engine (and leaves no decode thread behind)."""
+    from webapp.serving.engine import reset_engine
+
+    reset_engine()
+    yield
+    reset_engine()
+
+
+@pytest.fixture
+def user(db: None) -> Any:
+    return UserFactory()
+
+
+def bearer_client(user: Any) -> APIClient:
+    """An API client authenticated with a fresh key of ``user``."""
+    _, raw = api_key_create(user=user, name="tests")
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw}")
+    return client
+
+
+@pytest.fixture
+def api(user: Any) -> APIClient:
+    return bearer_client(user)
+
+
+@pytest.fixture
+def make_adapter(settings: Any) -> Callable[..., Any]:
+    """A real carry-on artifact for a base, registered as an adapter of ``owner``."""
+
+    def make(owner: Any, base: Any, *, seed: int, suffix: str = "") -> Any:
+        from customization.base_model import load_base_model
+        from customization.checkpoint import save_carry_on
+        from tests.helpers.carry_on_kit import new_carry_on, perturb, tiny_config
+        from webapp.core.utils import data_path
+        from webapp.customizations.models import Adapter, FineTuningJob
+        from webapp.customizations.services.jobs import job_model_name
+
+        frozen = load_base_model(base.path, name=base.name)
+        carry_on = perturb(new_carry_on(frozen, tiny_config(), seed=seed), seed=seed)
+        job = FineTuningJobFactory(
+            owner=owner, base=base, suffix=suffix, status=FineTuningJob.Status.SUCCEEDED
+        )
+        relative = f"adapters/{job.id}"
+        info = save_carry_on(
+            carry_on, data_path(relative), base_fingerprints=[frozen.fingerprint()]
+        )
+        return Adapter.objects.create(
+            name=job_model_name(job), owner=owner, base=base, job=job, path=relative,
+            sha256=info.sha256, bytes=info.nbytes, n_parameters=info.num_parameters,
+        )  # fmt: skip
+
+    return make

@@ -1,0 +1,40 @@
+"""Every route of the OpenAI-compatible API, mounted at /v1 (see README "API")."""
+
+from django.urls import path, re_path
+from drf_spectacular.views import SpectacularJSONAPIView
+
+from webapp.core.api import not_found
+from webapp.customizations import apis as customizations
+from webapp.serving import apis as serving
+
+urlpatterns = [
+    path("files", customizations.FileListCreateApi.as_view(), name="api-files"),
+    path("files/<str:file_id>", customizations.FileDetailApi.as_view(), name="api-file"),
+    path(
+        "files/<str:file_id>/content",
+        customizations.FileContentApi.as_view(),
+        name="api-file-content",
+    ),
+    path("fine_tuning/jobs", customizations.JobListCreateApi.as_view(), name="api-jobs"),
+    path("fine_tuning/jobs/<str:job_id>", customizations.JobDetailApi.as_view(), name="api-job"),
+    path(
+        "fine_tuning/jobs/<str:job_id>/cancel",
+        customizations.JobCancelApi.as_view(),
+        name="api-job-cancel",
+    ),
+    path(
+        "fine_tuning/jobs/<str:job_id>/events",
+        customizations.JobEventListApi.as_view(),
+        name="api-job-events",
+    ),
+    path(
+        "fine_tuning/jobs/<str:job_id>/checkpoints",
+        customizations.JobCheckpointListApi.as_view(),
+        name="api-job-checkpoints",
+    ),
+    path("models", customizations.ModelListApi.as_view(), name="api-models"),
+    path("models/<path:model>", customizations.ModelDetailApi.as_view(), name="api-model"),
+    path("chat/completions", serving.ChatCompletionCreateApi.as_view(), name="api-chat"),
+    path("openapi.json", SpectacularJSONAPIView.as_view(), name="api-schema"),
+    re_path(r"^.*$", not_found),
+]

@@ -1,0 +1,303 @@
+"""What every /v1 endpoint shares: auth, OpenAI-shaped errors, rate limits, pagination.
+
+The API answers exactly like OpenAI's, so the official ``openai`` client works against it
+unchanged: errors are ``{"error": {"message", "type", "param", "code"}}`` with the status
+OpenAI uses, lists are ``{"object": "list", "data", "has_more", "first_id", "last_id"}``,
+and every response carries ``x-ratelimit-*`` headers for the caller's key.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from django.conf import settings
+from django.core.cache import cache
+from django.core.exceptions import RequestDataTooBig
+from django.db.models import Model, QuerySet
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from rest_framework import exceptions, serializers
+from rest_framework.authentication import SessionAuthentication
+from rest_framework.negotiation import BaseContentNegotiation, DefaultContentNegotiation
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from webapp.accounts.authentication import ApiKeyAuthentication
+from webapp.core.exceptions import ApplicationError
+
+logger = logging.getLogger(__name__)
+
+
+def error_body(
+    message: str, *, type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JsonResponse:
+    """An OpenAI-shaped error outside DRF (middleware, plain Django views)."""
+    response = JsonResponse(error_body(message, type=type, param=param, code=code), status=status)
+    for name, value in (headers or {}).items():
+        response[name] = value
+    return response
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+class ErrorDetailSerializer(serializers.Serializer):
+    message = serializers.CharField()
+    type = serializers.CharField()
+    param = serializers.CharField(allow_null=True)
+    code = serializers.CharField(allow_null=True)
+
+
+class ErrorSerializer(serializers.Serializer):
+    """OpenAI's error body."""
+
+    error = ErrorDetailSerializer()
+
+
+def _first_validation_error(detail: Any, path: str = "") -> tuple[str, str]:
+    """(param path, message) of the first error in a DRF ValidationError detail."""
+    if isinstance(detail, dict):
+        for key, value in detail.items():
+            if key == "non_field_errors":
+                name = path
+            elif isinstance(key, int) or str(key).isdigit():  # an item of a list field
+                name = f"{path}[{key}]"
+            else:
+                name = f"{path}.{key}" if path else str(key)
+            return _first_validation_error(value, name)
+    if isinstance(detail, list) and detail:
+        first = detail[0]
+        if isinstance(first, dict | list):
+            index = next(i for i, item in enumerate(detail) if item)
+            return _first_validation_error(detail[index], f"{path}[{index}]")
+        return path, str(first)
+    return path, str(detail)
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
+    """Render every error raised in an API view in OpenAI's shape; never an HTML page."""
+    if isinstance(exc, ApplicationError):
+        body = exc.to_dict()
+        response = Response(body, status=exc.status)
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            response["retry-after"] = str(retry_after)
+        return response
+    if isinstance(exc, exceptions.ValidationError):
+        param, message = _first_validation_error(exc.detail)
+        where = f"{param}: " if param else ""
+        return Response(
+            error_body(f"{where}{message}", type="invalid_request_error", param=param or None),
+            status=400,
+        )
+    if isinstance(exc, exceptions.NotAuthenticated | exceptions.AuthenticationFailed):
+        message = (
+            "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
+            if isinstance(exc, exceptions.NotAuthenticated)
+            else str(exc.detail)
+        )
+        response = Response(
+            error_body(message, type="invalid_request_error", code="invalid_api_key"), status=401
+        )
+        response["www-authenticate"] = 'Bearer realm="api"'
+        return response
+    if isinstance(exc, exceptions.ParseError):
+        return Response(
+            error_body(
+                f"The request body is not valid: {exc.detail}", type="invalid_request_error"
+            ),
+            status=400,
+        )
+    if isinstance(exc, RequestDataTooBig):
+        return Response(
+            error_body(str(exc), type="invalid_request_error", code="request_too_large"),
+            status=413,
+        )
+    if isinstance(exc, exceptions.APIException):
+        code = exc.get_codes() if isinstance(exc.get_codes(), str) else None
+        return Response(
+            error_body(str(exc.detail), type="invalid_request_error", code=code),
+            status=exc.status_code,
+        )
+    logger.exception("unhandled error in %s", context.get("view"))
+    return Response(
+        error_body("The server had an error while processing your request.", type="server_error"),
+        status=500,
+    )
+
+
+def not_found(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
+    """Unknown routes under /v1 answer like OpenAI's: a JSON 404, never an HTML page."""
+    return error_response(
+        404,
+        f"Invalid URL ({request.method} {request.path})",
+        code="unknown_url",
+    )
+
+
+# -- rate limits ----------------------------------------------------------------------------
+
+
+class RateLimit:
+    """A fixed one-minute window per API key (or session user), shared through the cache."""
+
+    window = 60
+
+    def __init__(self, request: Request):
+        auth = request.auth
+        self.identity = f"key:{auth.pk}" if getattr(auth, "pk", None) else f"user:{request.user.pk}"
+        self.limit = int(settings.CARRY_ON["RATE_LIMIT_PER_MINUTE"])
+        now = time.time()
+        self.window_start = math.floor(now / self.window) * self.window
+        self.reset_in = max(1, math.ceil(self.window_start + self.window - now))
+        self.count = 0
+
+    def hit(self) -> bool:
+        """Count this request; False when it is over the limit."""
+        key = f"ratelimit:{self.identity}:{self.window_start}"
+        cache.add(key, 0, timeout=self.window + 5)
+        try:
+            self.count = int(cache.incr(key))
+        except ValueError:  # expired between add and incr
+            cache.set(key, 1, timeout=self.window + 5)
+            self.count = 1
+        return self.count <= self.limit
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "x-ratelimit-limit-requests": str(self.limit),
+            "x-ratelimit-remaining-requests": str(max(0, self.limit - self.count)),
+            "x-ratelimit-reset-requests": f"{self.reset_in}s",
+        }
+
+
+class RateLimitExceeded(ApplicationError):
+    status = 429
+    type = "requests"
+
+    def __init__(self, limit: RateLimit):
+        super().__init__(
+            f"Rate limit reached: {limit.limit} requests per minute for this key. "
+            f"Try again in {limit.reset_in}s.",
+            code="rate_limit_exceeded",
+        )
+        self.retry_after = limit.reset_in
+
+
+# -- the base view ----------------------------------------------------------------------------
+
+
+class IgnoreAcceptNegotiation(BaseContentNegotiation):
+    """Answer JSON whatever ``Accept`` says, as OpenAI does (the client asks for binary)."""
+
+    def select_parser(self, request: Request, parsers: Sequence[Any]) -> Any:
+        return DefaultContentNegotiation().select_parser(request, parsers)
+
+    def select_renderer(
+        self, request: Request, renderers: Sequence[Any], format_suffix: str | None = None
+    ) -> tuple[Any, str]:
+        return renderers[0], renderers[0].media_type
+
+
+class ApiView(APIView):
+    """Bearer API keys (or the browser session, for the playground), rate-limited."""
+
+    authentication_classes = [ApiKeyAuthentication, SessionAuthentication]
+    permission_classes = [IsAuthenticated]
+    content_negotiation_class = IgnoreAcceptNegotiation
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        super().initial(request, *args, **kwargs)
+        limit = RateLimit(request)
+        request.rate_limit = limit  # type: ignore[attr-defined]
+        if not limit.hit():
+            raise RateLimitExceeded(limit)
+
+    def finalize_response(
+        self, request: Request, response: HttpResponse, *args: Any, **kwargs: Any
+    ) -> HttpResponse:
+        response = super().finalize_response(request, response, *args, **kwargs)
+        limit = getattr(request, "rate_limit", None)
+        if limit is not None:
+            for name, value in limit.headers().items():
+                response[name] = value
+        return response
+
+    def get_exception_handler(self) -> Callable[[Exception, dict[str, Any]], Response]:
+        return exception_handler
+
+
+# -- lists --------------------------------------------------------------------------------------
+
+
+class ListQuery(serializers.Serializer):
+    """``?after=<id>&limit=N``: OpenAI's cursor pagination."""
+
+    after = serializers.CharField(required=False, max_length=256)
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=100, default=20)
+
+
+def paginate(
+    request: Request,
+    rows: QuerySet[Any],
+    render: Callable[[Any], dict[str, Any]],
+    *,
+    order: Sequence[str] = ("-created_at", "-pk"),
+) -> dict[str, Any]:
+    """One page after the ``after`` cursor (an object id), newest first by default."""
+    query = ListQuery(data=request.query_params)
+    query.is_valid(raise_exception=True)
+    limit = query.validated_data["limit"]
+    rows = rows.order_by(*order)
+    after = query.validated_data.get("after")
+    if after:
+        anchor = rows.filter(pk=after).first()
+        if anchor is None:
+            raise ApplicationError(f"No such object for 'after': {after}", param="after")
+        rows = _after(rows, anchor, order)
+    page = list(rows[: limit + 1])
+    data = [render(row) for row in page[:limit]]
+    return {
+        "object": "list",
+        "data": data,
+        "has_more": len(page) > limit,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }
+
+
+def _after(rows: QuerySet[Any], anchor: Model, order: Sequence[str]) -> QuerySet[Any]:
+    """Rows strictly after ``anchor`` in ``order`` (two keys: a value, then the pk)."""
+    from django.db.models import Q
+
+    (first, second) = order
+    field, descending = first.lstrip("-"), first.startswith("-")
+    tie = second.lstrip("-")
+    value, tie_value = getattr(anchor, field), getattr(anchor, tie)
+    beyond = "lt" if descending else "gt"
+    tie_beyond = "lt" if second.startswith("-") else "gt"
+    return rows.filter(
+        Q(**{f"{field}__{beyond}": value}) | Q(**{field: value, f"{tie}__{tie_beyond}": tie_value})
+    )
+
+
+def unix(value: Any) -> int | None:
+    """A datetime as OpenAI's integer Unix seconds."""
+    return int(value.timestamp()) if value is not None else None

@@ -1,0 +1,107 @@
+"""Chat completions: resolve the model (with its permission check), then decode.
+
+The request is validated by the API layer; here the model name becomes a base and an
+optional carry-on artifact the caller may use, the messages become prompt tokens, and the
+request is submitted to the process's serving engine, which batches it with others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from django.conf import settings
+
+from webapp.accounts.models import User
+from webapp.core.exceptions import ApplicationError
+from webapp.core.utils import data_path
+from webapp.customizations.selectors import ServableModel, model_resolve
+from webapp.serving.engine import get_engine
+
+
+class EngineBusyError(ApplicationError):
+    status = 429
+    type = "requests"
+    retry_after = 1
+
+
+@dataclasses.dataclass
+class ChatRequest:
+    model: str
+    messages: list[dict[str, str]]
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int | None = None
+    stop: Sequence[str] = ()
+    seed: int | None = None
+    n: int = 1
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+
+@dataclasses.dataclass
+class SubmittedChat:
+    model: ServableModel
+    completion: Any  # customization.serving.Completion
+
+
+def _adapter_ref(model: ServableModel) -> Any:
+    from customization.serving import AdapterRef
+
+    if model.path is None or model.sha256 is None or model.adapter_id is None:
+        return None
+    return AdapterRef(adapter_id=model.adapter_id, path=data_path(model.path), sha256=model.sha256)
+
+
+def chat_completion_submit(*, user: User, request: ChatRequest) -> SubmittedChat:
+    """Check access, tokenize and queue the request; raises ApplicationError on refusal."""
+    from customization.config import GenerationConfig
+    from customization.errors import (
+        ArtifactError,
+        ContextLengthError,
+        CustomizationError,
+        EngineOverloaded,
+        IncompatibleBaseModelError,
+    )
+
+    model = model_resolve(user=user, name=request.model)
+    engine = get_engine()
+    try:
+        prompt = engine.encode_chat(model.base.name, request.messages)
+        context = engine.base(model.base.name).max_position_embeddings
+        default_max = int(settings.CARRY_ON["SERVING_DEFAULT_MAX_TOKENS"])
+        config = GenerationConfig(
+            max_new_tokens=request.max_tokens or max(1, min(default_max, context - len(prompt))),
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            stop=tuple(request.stop),
+            frequency_penalty=request.frequency_penalty,
+            presence_penalty=request.presence_penalty,
+        )
+        completion = engine.submit(
+            model.base.name, prompt, config, adapter=_adapter_ref(model), n=request.n
+        )
+    except EngineOverloaded as exc:
+        raise EngineBusyError(exc.message, code="engine_overloaded") from exc
+    except ContextLengthError as exc:
+        raise ApplicationError(exc.message, param="messages", code=exc.code) from exc
+    except (ArtifactError, IncompatibleBaseModelError) as exc:
+        raise ApplicationError(
+            f"The model '{request.model}' cannot be served: {exc.message}",
+            code=exc.code,
+            status=500,
+            type="server_error",
+        ) from exc
+    except CustomizationError as exc:
+        raise ApplicationError(exc.message, param=exc.param, code=exc.code) from exc
+    except ValueError as exc:  # GenerationConfig's range checks
+        raise ApplicationError(str(exc), code="invalid_value") from exc
+    return SubmittedChat(model=model, completion=completion)
+
+
+def engine_counters(base_name: str) -> dict[str, int]:
+    """The engine's work counters for a base (observability and tests)."""
+    counters: dict[str, int] = get_engine().counters(base_name).as_dict()
+    return counters
