@@ -210,7 +210,11 @@ class CarryOn(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def set_alpha(self, alpha: float) -> None:
-        self.alpha.fill_(alpha)  # type: ignore[operator]
+        self.alpha.fill_(alpha)
+
+    def materialize_buffers(self, device: str | torch.device) -> None:
+        """Recreate the non-persistent buffers on ``device`` (after a meta-device build)."""
+        self.alpha = torch.tensor(float(self.config.alpha), device=device)
 
     def _tap_input(self, index: int, tap: torch.Tensor) -> torch.Tensor:
         normed = self.tap_norms[index](tap.to(self.up.weight.dtype))
@@ -226,26 +230,28 @@ class CarryOn(nn.Module):
         if len(taps) != len(self.tap_projections):
             raise ValueError(f"expected {len(self.tap_projections)} taps, got {len(taps)}")
         projected = [self._tap_input(i, tap) for i, tap in enumerate(taps)]  # each (B, T, d)
+        rungs: list[list[torch.Tensor]] = [[] for _ in self.blocks]
         if self.config.tap_mode == "mix":
             weights = torch.softmax(self.tap_mix, dim=0)
             h = sum(w * p for w, p in zip(weights, projected, strict=True))  # (B, T, d)
-            ladder: list[torch.Tensor] = []
         else:
-            h, ladder = projected[0], projected[1:]
+            h = projected[0]
+            for tap, rung in zip(projected[1:], self.config.ladder_blocks, strict=True):
+                rungs[rung].append(tap)
         h = self.input_dropout(h)
         cos, sin = rope_tables(
             positions, self.config.d_model // self.config.n_heads, self.config.rope_theta
         )
         past = 0 if cache is None else cache.length  # read before any block extends it
         for index, block in enumerate(self.blocks):
-            if index < len(ladder):
-                h = h + ladder[index]  # Ladder Side-Tuning: block j reads tap j+1
+            for tap in rungs[index]:
+                h = h + tap  # Ladder Side-Tuning: block j reads its own taps
             h = block(h, cos, sin, cache, index, past)
         return self.out_norm(h)  # type: ignore[no-any-return]
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:
         """The correction α · g ⊙ Δx added to the base's final state, (B, T, D)."""
-        alpha: torch.Tensor = self.alpha  # type: ignore[assignment]
+        alpha: torch.Tensor = self.alpha
         delta: torch.Tensor = alpha * torch.sigmoid(self.gate(h)) * self.up(h)
         return delta
 

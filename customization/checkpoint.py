@@ -150,13 +150,22 @@ def load_carry_on(
         for mine, theirs in zip(base_fingerprints, stored, strict=True):
             mine.check_compatible(theirs)
     config = CarryOnConfig.from_dict(document["carry_on"])
-    carry_on = CarryOn(config)
+    # Built on the meta device: no memory is allocated or randomly initialised only to be
+    # overwritten by the stored weights (the cold load is then mostly the file read).
+    with torch.device("meta"):
+        carry_on = CarryOn(config)
     try:
-        tensors = load_file(str(folder / WEIGHTS_FILE))
+        tensors = load_file(str(folder / WEIGHTS_FILE), device=str(torch.device(device)))
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"carry-on weights in {folder} are unreadable: {exc}") from exc
     expected = carry_on.state_dict()
     if set(tensors) != set(expected):
         raise ArtifactError(f"carry-on weights in {folder} do not match its config")
-    carry_on.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
-    return carry_on.to(device).eval()
+    mismatched = [k for k, v in tensors.items() if v.shape != expected[k].shape]
+    if mismatched:
+        raise ArtifactError(
+            f"carry-on weights in {folder} do not match its config: {mismatched[0]}"
+        )
+    carry_on.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, assign=True)
+    carry_on.materialize_buffers(device)
+    return carry_on.eval()

@@ -55,14 +55,15 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _carry_on_config(args: argparse.Namespace) -> Any:
-    from customization.config import CarryOnConfig
+def _carry_on_config(args: argparse.Namespace, num_layers: int) -> Any:
+    """The carry-on asked for; without --taps, the default ladder for this base's depth."""
+    from customization.config import CarryOnConfig, default_taps
 
     return CarryOnConfig(
         d_model=args.d_model,
         n_blocks=args.blocks,
         n_heads=args.heads,
-        taps=tuple(args.taps),
+        taps=tuple(args.taps) if args.taps else default_taps(num_layers),
         tap_mode=args.tap_mode,
     )
 
@@ -77,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train_pipeline(
         base,
         Path(args.data).read_bytes(),
-        carry_on_config=_carry_on_config(args),
+        carry_on_config=_carry_on_config(args, base.num_layers),
         training_config=TrainingConfig(
             epochs=args.epochs,
             batch_size=args.batch_size,
@@ -162,6 +163,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from customization.config import CarryOnConfig, FeatureConfig, TrainingConfig
+
     parser = argparse.ArgumentParser(
         prog="python -m customization", description=__doc__.split("\n")[0]
     )
@@ -186,18 +189,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("data")
     train.add_argument("--out", required=True, help="run folder (adapter/ and checkpoints/)")
     train.add_argument("--cache-dir", default=str(DEFAULT_DATA_DIR / "features"))
-    train.add_argument("--epochs", type=int, default=3)
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--patience", type=int, default=0)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--d-model", type=int, default=128)
-    train.add_argument("--blocks", type=int, default=2)
-    train.add_argument("--heads", type=int, default=4)
-    train.add_argument("--taps", type=int, nargs="+", default=[-1])
-    train.add_argument("--tap-mode", choices=["mix", "ladder"], default="mix")
-    train.add_argument("--max-length", type=int, default=512)
-    train.add_argument("--storage-dtype", choices=["float32", "float16", "int8"], default="float16")
+    # The defaults are the config dataclasses' own, so the CLI never drifts from them.
+    shape, schedule, features = CarryOnConfig(), TrainingConfig(), FeatureConfig()
+    train.add_argument("--epochs", type=int, default=schedule.epochs)
+    train.add_argument("--batch-size", type=int, default=schedule.batch_size)
+    train.add_argument("--lr", type=float, default=schedule.learning_rate)
+    train.add_argument("--patience", type=int, default=schedule.early_stopping_patience)
+    train.add_argument("--seed", type=int, default=schedule.seed)
+    train.add_argument("--d-model", type=int, default=shape.d_model)
+    train.add_argument("--blocks", type=int, default=shape.n_blocks)
+    train.add_argument("--heads", type=int, default=shape.n_heads)
+    train.add_argument(
+        "--taps", type=int, nargs="+", default=None, help="default: spread over the base's depth"
+    )
+    train.add_argument("--tap-mode", choices=["mix", "ladder"], default=shape.tap_mode)
+    train.add_argument("--max-length", type=int, default=features.max_length)
+    train.add_argument(
+        "--storage-dtype", choices=["float32", "float16", "int8"], default=features.storage_dtype
+    )
     train.add_argument("--valid-fraction", type=float, default=0.1)
     train.set_defaults(func=cmd_train)
 

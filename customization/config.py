@@ -21,6 +21,27 @@ StorageDtype = Literal["float32", "float16", "int8"]
 T = TypeVar("T", bound="_Config")
 
 
+def default_taps(num_layers: int) -> tuple[int, ...]:
+    """The default ladder's taps for a base of ``num_layers`` layers.
+
+    The final state, then up to seven intermediate layers spread evenly over the depth and
+    kept three below the top (docs/carry_on_quality.md: the ladder learned best in the
+    sweep). For the bundled 30-layer SmolLM2 that is (-1, 4, 8, 12, 16, 20, 24, 27).
+    """
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+    top = max(1, num_layers - 3)
+    spread = (min(max(1, round(num_layers * k / 7.5)), top) for k in range(1, 8))
+    intermediate = sorted({layer for layer in spread if layer < num_layers})
+    return (-1, *intermediate)
+
+
+# The dataclass default names the bundled base's layers; code that knows its base's depth
+# (the CLI, the web app) asks default_taps(num_layers) instead.
+BUNDLED_BASE_LAYERS = 30
+DEFAULT_TAPS: tuple[int, ...] = default_taps(BUNDLED_BASE_LAYERS)
+
+
 def _check_range(name: str, value: float, low: float, high: float) -> None:
     if not (low <= value <= high):
         raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
@@ -62,17 +83,20 @@ class CarryOnConfig(_Config):
     each tap's base index (0 = the primary base whose LM head produces the logits).
 
     ``tap_mode``: "mix" sums the projected taps at the input with learned softmax weights;
-    "ladder" feeds tap j into block j's residual stream (Ladder Side-Tuning style).
+    "ladder" starts the stream from tap 0 and adds the other taps to the residual stream
+    before the blocks, in order (Ladder Side-Tuning style): one tap per block while there
+    are at most ``n_blocks`` of them, else contiguous groups, earlier taps to earlier
+    blocks (``ladder_blocks``).
     """
 
     d_model: int = 128
     n_blocks: int = 2
     n_heads: int = 4
     mlp_ratio: float = 4.0
-    taps: tuple[int, ...] = (-1,)
+    taps: tuple[int, ...] = DEFAULT_TAPS
     tap_bases: tuple[int, ...] = ()
     tap_sizes: tuple[int, ...] = ()
-    tap_mode: TapMode = "mix"
+    tap_mode: TapMode = "ladder"
     hidden_size: int = 0  # D of the primary base (the merge width); filled from the base
     alpha: float = 1.0
     gate_bias_init: float = 0.0
@@ -102,11 +126,7 @@ class CarryOnConfig(_Config):
             raise ValueError(f"taps must not repeat, got {list(self.taps)}")
         if self.tap_mode not in ("ladder", "mix"):
             raise ValueError(f"tap_mode must be 'ladder' or 'mix', got {self.tap_mode!r}")
-        if self.tap_mode == "ladder" and len(self.taps) > self.n_blocks + 1:
-            raise ValueError(
-                f"a ladder feeds one tap per block plus one at the input: at most "
-                f"{self.n_blocks + 1} taps for {self.n_blocks} blocks, got {len(self.taps)}"
-            )
+        _check_range("number of taps", len(self.taps), 1, 256)
         _check_range("alpha", self.alpha, 0.0, 100.0)
         _check_range("dropout", self.dropout, 0.0, 0.9)
         _check_range("gate_bias_init", self.gate_bias_init, -20.0, 20.0)
@@ -121,6 +141,18 @@ class CarryOnConfig(_Config):
         return self.tap_bases or tuple(0 for _ in self.taps)
 
     @property
+    def ladder_blocks(self) -> tuple[int, ...]:
+        """The block each ladder tap (``taps[1:]``) is added before.
+
+        Up to ``n_blocks`` taps: tap j + 1 enters block j (the original ladder, so older
+        artifacts keep their meaning). More taps: contiguous groups of nearly equal size.
+        """
+        rungs = len(self.taps) - 1
+        if rungs <= self.n_blocks:
+            return tuple(range(rungs))
+        return tuple(index * self.n_blocks // rungs for index in range(rungs))
+
+    @property
     def n_bases(self) -> int:
         return max(self.resolved_tap_bases) + 1
 
@@ -133,7 +165,7 @@ class CarryOnConfig(_Config):
 class FeatureConfig(_Config):
     """How hidden states are extracted and stored (part of the feature-cache key)."""
 
-    taps: tuple[int, ...] = (-1,)
+    taps: tuple[int, ...] = DEFAULT_TAPS
     max_length: int = 512
     storage_dtype: StorageDtype = "float16"
     batch_size: int = 8
@@ -158,7 +190,7 @@ class TrainingConfig(_Config):
 
     epochs: int = 3
     batch_size: int = 8
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     weight_decay: float = 0.01
     warmup_fraction: float = 0.05
     min_lr_ratio: float = 0.1

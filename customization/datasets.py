@@ -49,6 +49,8 @@ _CONTROL_CHAR = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 # runs of escaped quotes); an unterminated string runs to the end of the line.
 _JSON_STRING = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+"?', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+# A \uD800-\uDFFF escape: half of a UTF-16 pair, or (unpaired) not text at all.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 _ROLES = frozenset({"system", "user", "assistant"})
 _ROLE_ALIASES = {"developer": "system"}
@@ -372,7 +374,18 @@ def _load_json_object(text: str, max_depth: int) -> dict[str, object]:
         _invalid(f"invalid JSON: {exc}")
     if not isinstance(value, dict):
         _invalid(f"expected a JSON object, got {_json_type(value)}")
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
+        # json accepts "\ud800" alone, but no tokenizer, database or UTF-8 encoder does.
+        _invalid("the line contains an unpaired surrogate escape (\\ud800-\\udfff); it is not text")
     return value
+
+
+def _has_lone_surrogate(value: object) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _exceeds_depth(text: str, max_depth: int) -> bool:

@@ -51,7 +51,7 @@ def run_demo(
         base,
         train_bytes,
         carry_on_config=CarryOnConfig(),
-        training_config=TrainingConfig(epochs=epochs, learning_rate=2e-3),
+        training_config=TrainingConfig(epochs=epochs),
         max_length=384,
         storage_dtype="float16",
         cache_dir=work_dir / "features",

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from customization.base_model import FrozenBase
@@ -139,24 +140,40 @@ class FeatureSet:
                 f"{base_index}; extract with that tap"
             ) from None
 
-    def iter_shards(self) -> Iterator[dict[str, torch.Tensor]]:
+    def iter_shards(self, states: Sequence[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Each shard's tensors; with ``states`` (indices into ``self.states``) only those
+        states are read from disk, plus the token ids, masks and offsets."""
         for name in self.manifest["shards"]:
             try:
-                yield load_file(str(self.path / name))
+                if states is None:
+                    yield load_file(str(self.path / name))
+                    continue
+                with safe_open(str(self.path / name), framework="pt") as handle:
+                    present = set(handle.keys())
+                    wanted = ["input_ids", "target_mask", "offsets"]
+                    for index in states:
+                        wanted += [f"state.{index}", f"state.{index}.scale"]
+                    yield {key: handle.get_tensor(key) for key in wanted if key in present}
             except Exception as exc:  # safetensors raises its own error types
                 raise ArtifactError(f"feature shard {name} is unreadable: {exc}") from exc
 
-    def load(self) -> FeatureData:
-        """All examples in memory, states kept in their storage dtype."""
+    def load(self, states: Sequence[tuple[int, int]] | None = None) -> FeatureData:
+        """Examples in memory, states kept in their storage dtype.
+
+        ``states``: the (base index, hidden-state index) pairs to load, default all. A
+        carry-on reading a few of the stored taps then holds only those in memory.
+        """
+        wanted = self.states if states is None else list(dict.fromkeys(states))
+        indices = [self.state_index(b, i) for b, i in wanted]
         examples: list[FeatureExample] = []
-        for shard in self.iter_shards():
+        for shard in self.iter_shards(None if states is None else indices):
             offsets = shard["offsets"].tolist()
             for row in range(len(offsets) - 1):
                 start, end = offsets[row], offsets[row + 1]
-                states = []
-                for index in range(len(self.states)):
+                states_of_row = []
+                for index in indices:
                     scale = shard.get(f"state.{index}.scale")
-                    states.append(
+                    states_of_row.append(
                         StoredState(
                             shard[f"state.{index}"][start:end],
                             None if scale is None else scale[start:end],
@@ -166,10 +183,11 @@ class FeatureSet:
                     FeatureExample(
                         input_ids=shard["input_ids"][start:end].long(),
                         target_mask=shard["target_mask"][start:end].bool(),
-                        states=states,
+                        states=states_of_row,
                     )
                 )
-        return FeatureData(examples, self.states, self.state_sizes)
+        sizes = [self.state_sizes[index] for index in indices]
+        return FeatureData(examples, list(wanted), sizes)
 
 
 @dataclass

@@ -11,6 +11,9 @@ SHAPES = [
     pytest.param(tiny_config(taps=(0, 1, -1), tap_mode="mix"), id="mix-intermediate"),
     pytest.param(tiny_config(taps=(1, -1), tap_mode="ladder"), id="ladder-intermediate"),
     pytest.param(tiny_config(taps=(0, 1, -1), tap_mode="ladder"), id="ladder-full"),
+    pytest.param(
+        tiny_config(taps=(-1, 0, 1, 2), n_blocks=2, tap_mode="ladder"), id="ladder-grouped"
+    ),
 ]
 
 
@@ -54,12 +57,17 @@ def test_alpha_zero_gives_the_base_logits_after_training_moved_the_weights(
     assert (_logits(base, carry_on, states) - base_logits).abs().max() < 1e-5
 
 
-def test_taps_change_the_output_through_each_of_their_projections(base: FrozenBase) -> None:
+@pytest.mark.parametrize(
+    "taps",
+    [pytest.param((0, 1, -1), id="one-per-block"), pytest.param((2, 0, 1, -1), id="grouped")],
+)
+def test_taps_change_the_output_through_each_of_their_projections(
+    base: FrozenBase, taps: tuple[int, ...]
+) -> None:
     """In a ladder every tap reaches the output (each projection gets a gradient)."""
     states, final, _ = _batch(base)
-    carry_on = perturb(new_carry_on(base, tiny_config(taps=(0, 1, -1), tap_mode="ladder")), seed=3)
-    taps = [states[0], states[1], final]
-    carry_on(taps, final).square().sum().backward()
+    carry_on = perturb(new_carry_on(base, tiny_config(taps=taps, tap_mode="ladder")), seed=3)
+    carry_on([states[base.resolve_tap(t)] for t in taps], final).square().sum().backward()
     for projection in carry_on.tap_projections:
         assert projection.weight.grad is not None
         assert projection.weight.grad.abs().sum() > 0
@@ -111,7 +119,32 @@ def test_branch_refuses_the_wrong_number_of_taps(base: FrozenBase) -> None:
         carry_on([final], final)
 
 
-def test_default_size_is_about_one_megabyte_in_fp16_on_a_576_wide_base() -> None:
-    """The default two-block, 128-wide carry-on on SmolLM2's width is ~1 MB in fp16."""
-    carry_on = CarryOn(CarryOnConfig().resolved(tap_sizes=(576,), hidden_size=576))
-    assert 0.5e6 < carry_on.artifact_nbytes(bytes_per_value=2) < 1.5e6
+def test_default_is_a_two_block_ladder_of_about_two_megabytes_in_fp16_on_smollm2() -> None:
+    """The default: 2 blocks, 128 wide, a ladder over 8 taps; ~2 MB in fp16 on a 576-wide base."""
+    config = CarryOnConfig()
+    assert (config.n_blocks, config.d_model, config.tap_mode, len(config.taps)) == (
+        2,
+        128,
+        "ladder",
+        8,
+    )
+    assert config.taps[0] == -1  # the stream starts from the base's final state
+    carry_on = CarryOn(config.resolved(tap_sizes=(576,) * 8, hidden_size=576))
+    assert 1.0e6 < carry_on.artifact_nbytes(bytes_per_value=2) < 2.5e6
+
+
+def test_grouped_ladder_adds_each_tap_before_its_own_block(base: FrozenBase) -> None:
+    """With more taps than blocks, a tap of the last group leaves the first block's input alone."""
+    states, final, _ = _batch(base)
+    config = tiny_config(taps=(-1, 0, 1, 2), n_blocks=2, tap_mode="ladder")  # groups (0, 1), (2)
+    assert config.ladder_blocks == (0, 0, 1)
+    carry_on = perturb(new_carry_on(base, config), seed=6)
+    seen: list[torch.Tensor] = []
+    hook = carry_on.blocks[0].register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    taps = [states[base.resolve_tap(t)] for t in config.taps]
+    changed = [*taps[:3], taps[3] + 1.0]
+    with torch.no_grad():
+        first, second = carry_on(taps, final), carry_on(changed, final)
+    hook.remove()
+    torch.testing.assert_close(seen[0], seen[1])
+    assert not torch.equal(first, second)

@@ -49,6 +49,20 @@ def test_save_load_round_trip_is_exact(base: FrozenBase, carry_on: CarryOn, tmp_
     assert info.nbytes == sum(f.stat().st_size for f in info.path.iterdir())
 
 
+def test_grouped_ladder_round_trip_is_exact(base: FrozenBase, tmp_path: Path) -> None:
+    """A ladder with more taps than blocks loads back with the same grouping and logits."""
+    config = tiny_config(taps=(-1, 0, 1, 2), n_blocks=2, tap_mode="ladder")
+    carry_on = perturb(new_carry_on(base, config), seed=8)
+    info = save_carry_on(carry_on, tmp_path / "adapter", base_fingerprints=[base.fingerprint()])
+    loaded = load_carry_on(info.path, base_fingerprints=[base.fingerprint()])
+    assert loaded.config == carry_on.config
+    assert loaded.config.ladder_blocks == (0, 0, 1)
+    ids = torch.tensor([base.tokenizer.encode("round trip of a grouped ladder")])
+    states = base.hidden_states(ids, None, [base.resolve_tap(t) for t in config.taps])
+    with torch.no_grad():
+        assert torch.equal(loaded(states, states[0]), carry_on(states, states[0]))
+
+
 def test_artifact_holds_safetensors_and_a_json_config_only(
     base: FrozenBase, carry_on: CarryOn, tmp_path: Path
 ) -> None:

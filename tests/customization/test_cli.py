@@ -11,7 +11,14 @@ import pytest
 from customization import cli, generation
 from customization.base_model import FrozenBase, load_base_model
 from customization.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_carry_on
-from customization.config import GenerationConfig
+from customization.config import (
+    BUNDLED_BASE_LAYERS,
+    CarryOnConfig,
+    FeatureConfig,
+    GenerationConfig,
+    TrainingConfig,
+    default_taps,
+)
 from customization.datasets import read_dataset_file
 from customization.generation import StepOutput, generate
 from tests.helpers.carry_on_kit import toy_jsonl
@@ -175,3 +182,19 @@ def test_chat_refuses_an_adapter_for_another_base(
     argv = ["chat", "hi", "--base", str(other), "--adapter", str(run / "adapter")]
     assert cli.main(argv) == 2
     assert "error (incompatible_base_model)" in capsys.readouterr().err
+
+
+def test_train_defaults_are_the_config_dataclasses_defaults() -> None:
+    """`train` with no options trains the default carry-on on the default schedule."""
+    args = cli.build_parser().parse_args(["train", "data.jsonl", "--out", "run"])
+    shape, schedule, features = CarryOnConfig(), TrainingConfig(), FeatureConfig()
+    assert cli._carry_on_config(args, BUNDLED_BASE_LAYERS) == shape
+    assert cli._carry_on_config(args, 2).taps == default_taps(2)
+    assert (args.epochs, args.batch_size, args.lr, args.patience, args.seed) == (
+        schedule.epochs,
+        schedule.batch_size,
+        schedule.learning_rate,
+        schedule.early_stopping_patience,
+        schedule.seed,
+    )
+    assert (args.max_length, args.storage_dtype) == (features.max_length, features.storage_dtype)

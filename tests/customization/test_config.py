@@ -68,18 +68,26 @@ def test_carry_on_config_rejects_heads_that_do_not_split_width_evenly(
         CarryOnConfig(d_model=d_model, n_heads=n_heads)
 
 
-def test_ladder_accepts_at_most_one_tap_per_block_plus_the_input() -> None:
-    """A ladder over k blocks takes k + 1 taps; one more is refused."""
-    CarryOnConfig(n_blocks=2, taps=(4, 8, -1), tap_mode="ladder")
-    with pytest.raises(ValueError, match="at most 3 taps"):
-        CarryOnConfig(n_blocks=2, taps=(2, 4, 8, -1), tap_mode="ladder")
+def test_ladder_feeds_one_tap_per_block_while_taps_do_not_outnumber_blocks() -> None:
+    """Up to k ladder taps, tap j + 1 enters block j (the original ladder, unchanged)."""
+    assert CarryOnConfig(n_blocks=4, taps=(-1, 8, 16), tap_mode="ladder").ladder_blocks == (0, 1)
+    assert CarryOnConfig(n_blocks=2, taps=(4, 8, -1), tap_mode="ladder").ladder_blocks == (0, 1)
+    assert CarryOnConfig(n_blocks=2, taps=(-1,), tap_mode="ladder").ladder_blocks == ()
+
+
+def test_ladder_splits_more_taps_than_blocks_into_contiguous_groups() -> None:
+    """Seven ladder taps over four blocks: two, two, two, one; earlier taps to earlier blocks."""
+    config = CarryOnConfig(n_blocks=4, taps=(-1, 4, 8, 12, 16, 20, 24, 27), tap_mode="ladder")
+    assert config.ladder_blocks == (0, 0, 1, 1, 2, 2, 3)
+    two = CarryOnConfig(n_blocks=2, taps=(-1, 4, 8, 12, 16, 20, 24, 27), tap_mode="ladder")
+    assert two.ladder_blocks == (0, 0, 0, 0, 1, 1, 1)
 
 
 def test_same_tap_index_on_different_bases_is_not_a_repeat() -> None:
     """Tap -1 of base 0 and tap -1 of base 1 are two distinct taps."""
     config = CarryOnConfig(taps=(-1, -1), tap_bases=(0, 1))
     assert config.n_bases == 2
-    assert CarryOnConfig().resolved_tap_bases == (0,)
+    assert CarryOnConfig(taps=(-1, 8)).resolved_tap_bases == (0, 0)
 
 
 ROUND_TRIP = [
@@ -146,3 +154,10 @@ def test_generation_config_is_greedy_only_at_temperature_zero() -> None:
     """temperature 0 means greedy decoding; any other temperature samples."""
     assert GenerationConfig(temperature=0.0).greedy
     assert not GenerationConfig(temperature=0.3).greedy
+
+
+def test_a_config_written_with_the_old_defaults_keeps_its_shape() -> None:
+    """An artifact from before the ladder default (final tap, mix, 1e-3) loads as it was."""
+    old = {"d_model": 128, "n_blocks": 2, "taps": [-1], "tap_mode": "mix", "format_version": 1}
+    config = CarryOnConfig.from_dict(old)
+    assert (config.taps, config.tap_mode, config.ladder_blocks) == ((-1,), "mix", ())

@@ -172,6 +172,13 @@ MALFORMED = [
         _jsonl(GOOD, GOOD), {"min_examples": 3}, WHOLE_FILE, "at least 3", id="too-few-examples"
     ),
     pytest.param(b"\xff\xfe{\x00}\x00", {}, WHOLE_FILE, "UTF-16", id="utf16"),
+    pytest.param(
+        _bad_at_3(b'{"messages": [{"role": "user", "content": "\\ud800"}]}'),
+        {},
+        3,
+        "unpaired surrogate",
+        id="lone-surrogate",
+    ),
 ]
 
 

@@ -69,6 +69,25 @@ def test_stored_states_equal_the_base_hidden_states_of_each_example_alone(
             torch.testing.assert_close(state.dequantize(), expected[0], rtol=1e-5, atol=1e-5)
 
 
+def test_loading_a_subset_of_states_gives_those_states_only(
+    base: FrozenBase, toy_tokenized: list[TokenizedExample], tmp_path: Path
+) -> None:
+    """load(states=...) holds just the asked states, equal to the same states of a full load."""
+    config = FeatureConfig(taps=(0, 1, -1), max_length=64, storage_dtype="int8", batch_size=4)
+    feature_set = extract_features(base, toy_tokenized, config, cache_dir=tmp_path, key="k")
+    full = feature_set.load()
+    subset = feature_set.load(states=[(0, 2), (0, 0)])
+    assert subset.states == [(0, 2), (0, 0)]
+    assert subset.state_sizes == [32, 32]
+    for every, some in zip(full.examples, subset.examples, strict=True):
+        assert len(some.states) == 2
+        assert torch.equal(some.input_ids, every.input_ids)
+        assert torch.equal(some.states[0].dequantize(), every.states[2].dequantize())
+        assert torch.equal(some.states[1].dequantize(), every.states[0].dequantize())
+    with pytest.raises(IncompatibleBaseModelError, match="holds no hidden state 5"):
+        feature_set.load(states=[(0, 5)])
+
+
 def test_int8_storage_dequantizes_within_a_small_relative_error(
     base: FrozenBase, toy_tokenized: list[TokenizedExample], tmp_path: Path
 ) -> None:

@@ -79,7 +79,8 @@ def test_one_epoch_on_demo_problems_lowers_heldout_loss_and_still_answers(
     rows = generate_demo_problems(40, seed=0)
     examples = load_dataset("".join(json.dumps(r) + "\n" for r in rows).encode())
     train_examples, held_out = examples[:32], examples[32:]
-    config = FeatureConfig(taps=(-1,), max_length=256, storage_dtype="float16")
+    shape = CarryOnConfig()
+    config = FeatureConfig(taps=shape.taps, max_length=256, storage_dtype="float16")
     sets = {}
     for name, subset in (("train", train_examples), ("held-out", held_out)):
         tokenized = tokenize_examples(subset, real_base.tokenizer, max_length=256)
@@ -87,13 +88,13 @@ def test_one_epoch_on_demo_problems_lowers_heldout_loss_and_still_answers(
     train_data, held_out_data = sets["train"].load(), sets["held-out"].load()
 
     carry_on = build_carry_on(
-        CarryOnConfig(), tap_sizes=[576], hidden_size=real_base.hidden_size, seed=0
+        shape, tap_sizes=[576] * len(shape.taps), hidden_size=real_base.hidden_size, seed=0
     )
     result = train_carry_on(
         carry_on,
         train_data,
         real_base.head_weight,
-        TrainingConfig(epochs=1, learning_rate=2e-3, batch_size=8),
+        TrainingConfig(epochs=1, batch_size=8),
         num_layers=real_base.num_layers,
         base_fingerprints=[real_base.fingerprint()],
     )

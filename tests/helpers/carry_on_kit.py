@@ -36,8 +36,19 @@ def lively_base(*, seed: int = 0, name: str = "tiny") -> FrozenBase:
 
 
 def tiny_config(**overrides: Any) -> CarryOnConfig:
-    """A carry-on shape small enough for sub-second tests."""
-    values: dict[str, Any] = {"d_model": 16, "n_blocks": 2, "n_heads": 2, **overrides}
+    """A carry-on shape small enough for sub-second tests.
+
+    It reads the final state unless told otherwise: the default taps name layers of the
+    bundled 30-layer base, which a two-layer test base does not have.
+    """
+    values: dict[str, Any] = {
+        "d_model": 16,
+        "n_blocks": 2,
+        "n_heads": 2,
+        "taps": (-1,),
+        "tap_mode": "mix",
+        **overrides,
+    }
     return CarryOnConfig(**values)
 
 
