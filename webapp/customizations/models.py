@@ -234,6 +234,8 @@ class Adapter(TimeStampedModel):
     """The servable result of a job: a carry-on artifact on a frozen base."""
 
     name = models.CharField(max_length=255, unique=True)
+    # What its owner calls it in the browser; the API keeps addressing it by ``name``.
+    label = models.CharField(max_length=100, blank=True)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
     base = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="adapters")
     job = models.OneToOneField(
@@ -252,3 +254,7 @@ class Adapter(TimeStampedModel):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def display_name(self) -> str:
+        return self.label or (self.job.suffix if self.job and self.job.suffix else self.name)

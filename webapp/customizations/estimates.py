@@ -1,0 +1,104 @@
+"""A rough time estimate for a fine-tuning job, shown on the new-job page (labelled so).
+
+The model follows where the time goes (DESIGN §1 "Where the cost is"):
+
+- extraction runs the frozen base once over every token: cost ∝ tokens × layers × D²;
+- each training epoch is dominated by the frozen LM head at the loss positions, forward
+  and the gradient to its input (2 × D × V multiply-adds per loss token), plus the carry-on
+  body (about 12 × d² per block per token, times 3 for forward and backward) and its
+  projections in and out (2 × D × d, times 3);
+- a fixed overhead: queueing, loading the base, writing the artifact.
+
+The rates were measured on this project's reference machine (2 CPU cores, the torch CPU
+build, 2 torch threads) with SmolLM2-135M-Instruct on 40 demo arithmetic problems (5,694
+tokens, 3,051 of them answer tokens): extraction took 73 s of CPU time and one training
+epoch (default carry-on, batch size 8) 16 s, so about half that in wall time on an idle
+machine (``customization.pipeline.train_pipeline`` timed phase by phase). A GPU, or a busy
+machine, changes the answer by a constant factor: that is why the page says "estimate".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from webapp.customizations.models import BaseModel, File
+from webapp.customizations.services.jobs import AUTO_HYPERPARAMETERS, CARRY_ON_DEFAULTS
+
+# From the measurement above (wall seconds = CPU seconds / 2 threads):
+# extraction 5,694 tokens × 30 layers × 576² / 36.5 s ≈ 1.6e9 "layer units" per second;
+EXTRACT_UNITS_PER_SECOND = 1.6e9
+# training 0.9 × 3,051 loss tokens × (2 × 576 × 49,152 + 3 × (12 × 2 × 128² + 2 × 576 × 128))
+# / 8 s ≈ 2.0e10 units per second.
+TRAIN_UNITS_PER_SECOND = 2.0e10
+OVERHEAD_SECONDS = 15.0
+# Uploads validated before loss tokens were counted: the share of tokens that are answers.
+DEFAULT_LOSS_SHARE = 0.5
+# Without a validation file this share of the training set is held out (pipeline.py).
+TRAIN_SHARE = 0.9
+
+
+@dataclass(frozen=True)
+class JobEstimate:
+    seconds: float
+    extract_seconds: float
+    train_seconds: float
+
+    @property
+    def text(self) -> str:
+        return f"about {duration_text(self.seconds)}"
+
+
+def job_estimate(
+    *,
+    n_tokens: int,
+    n_loss_tokens: int | None,
+    fingerprint: dict[str, Any],
+    epochs: int,
+    d_model: int,
+    n_blocks: int,
+) -> JobEstimate:
+    """Seconds for extraction plus ``epochs`` epochs of training, plus a fixed overhead."""
+    hidden = int(fingerprint.get("hidden_size") or 576)
+    layers = int(fingerprint.get("num_layers") or 30)
+    vocab = int(fingerprint.get("vocab_size") or 49152)
+    extract = n_tokens * layers * hidden**2 / EXTRACT_UNITS_PER_SECOND
+    loss_tokens = n_loss_tokens if n_loss_tokens is not None else n_tokens * DEFAULT_LOSS_SHARE
+    per_token = 2 * hidden * vocab + 3 * (12 * n_blocks * d_model**2 + 2 * hidden * d_model)
+    train = epochs * TRAIN_SHARE * loss_tokens * per_token / TRAIN_UNITS_PER_SECOND
+    return JobEstimate(
+        seconds=OVERHEAD_SECONDS + extract + train, extract_seconds=extract, train_seconds=train
+    )
+
+
+def duration_text(seconds: float) -> str:
+    """``40 seconds``, ``3 minutes``, ``1 h 20 min``: rounded as an estimate should be."""
+    if seconds < 60:
+        return f"{max(10, round(seconds / 10) * 10)} seconds"
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} minute{'s' if minutes != 1 else ''}"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+
+
+def file_job_estimate(
+    *,
+    file: File,
+    base: BaseModel | None,
+    epochs: int | None = None,
+    d_model: int | None = None,
+    n_blocks: int | None = None,
+) -> JobEstimate | None:
+    """The estimate for a job on ``file`` (None when its tokens were not counted)."""
+    if base is None or not file.n_tokens:
+        return None
+    loss_tokens = file.report.get("n_loss_tokens")
+    return job_estimate(
+        n_tokens=file.n_tokens,
+        n_loss_tokens=loss_tokens if isinstance(loss_tokens, int) else None,
+        fingerprint=base.fingerprint or {},
+        epochs=epochs or int(AUTO_HYPERPARAMETERS["n_epochs"]),
+        d_model=d_model or int(CARRY_ON_DEFAULTS["d_model"]),
+        n_blocks=n_blocks or int(CARRY_ON_DEFAULTS["n_blocks"]),
+    )
