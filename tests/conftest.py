@@ -1,14 +1,15 @@
-"""Fixtures shared by the web-platform and worker tests: a data directory, a tiny base."""
+"""Fixtures shared by the web-platform and worker tests: a data directory, a tiny base, adapters."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from django.conf import settings
 
-pytest_plugins = ["tests.helpers.celery_workers"]
+pytest_plugins = ["tests.helpers.celery_workers", "tests.helpers.servers"]
 
 
 @pytest.fixture
@@ -69,3 +70,33 @@ def smollm2(db: None) -> Any:
         fingerprint=fingerprint,
         default=True,
     )
+
+
+@pytest.fixture
+def make_adapter(settings: Any) -> Callable[..., Any]:
+    """A real carry-on artifact for a base, registered as an adapter of ``owner``."""
+
+    def make(owner: Any, base: Any, *, seed: int, suffix: str = "") -> Any:
+        from customization.base_model import load_base_model
+        from customization.checkpoint import save_carry_on
+        from tests.factories import FineTuningJobFactory
+        from tests.helpers.carry_on_kit import new_carry_on, perturb, tiny_config
+        from webapp.core.utils import data_path
+        from webapp.customizations.models import Adapter, FineTuningJob
+        from webapp.customizations.services.jobs import job_model_name
+
+        frozen = load_base_model(base.path, name=base.name)
+        carry_on = perturb(new_carry_on(frozen, tiny_config(), seed=seed), seed=seed)
+        job = FineTuningJobFactory(
+            owner=owner, base=base, suffix=suffix, status=FineTuningJob.Status.SUCCEEDED
+        )
+        relative = f"adapters/{job.id}"
+        info = save_carry_on(
+            carry_on, data_path(relative), base_fingerprints=[frozen.fingerprint()]
+        )
+        return Adapter.objects.create(
+            name=job_model_name(job), owner=owner, base=base, job=job, path=relative,
+            sha256=info.sha256, bytes=info.nbytes, n_parameters=info.num_parameters,
+        )  # fmt: skip
+
+    return make

@@ -36,5 +36,5 @@ urlpatterns = [
     path("models/<path:model>", customizations.ModelDetailApi.as_view(), name="api-model"),
     path("chat/completions", serving.ChatCompletionCreateApi.as_view(), name="api-chat"),
     path("openapi.json", SpectacularJSONAPIView.as_view(), name="api-schema"),
-    re_path(r"^.*$", not_found),
+    re_path(r"^[\s\S]*$", not_found),  # any path, newlines included: JSON, never HTML
 ]

@@ -18,7 +18,11 @@ from django.conf import settings
 from django.db import connection
 
 from webapp.customizations.models import FineTuningJob
-from webapp.customizations.services.pipeline import job_record_progress, job_sweep_stale
+from webapp.customizations.services.pipeline import (
+    job_record_progress,
+    job_sweep_stale,
+    job_sweep_unclaimed,
+)
 from webapp.serving.runtime import device, load_base, warm_up
 
 __all__ = [
@@ -95,7 +99,8 @@ class Heartbeat:
 
 
 class Sweeper(threading.Thread):
-    """Re-enqueues jobs whose worker died (see job_sweep_stale), in every worker process.
+    """Re-enqueues jobs whose worker died (job_sweep_stale) or whose message was lost
+    (job_sweep_unclaimed), in every worker process.
 
     Beat-free: each worker sweeps at start and then every half heartbeat timeout; the
     conditional UPDATE in the service lets only one of them act on a stale job.
@@ -112,6 +117,7 @@ class Sweeper(threading.Thread):
                 swept = job_sweep_stale()
                 if swept:
                     logger.warning("re-queued stale jobs: %s", ", ".join(swept))
+                job_sweep_unclaimed()
             except Exception:
                 logger.exception("the stale-job sweep failed; trying again later")
             finally:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
 from django.db import InterfaceError, OperationalError
 from kombu.exceptions import OperationalError as BrokerError
 
@@ -76,6 +78,14 @@ def _run_stage(task: Any, job_id: str, stage: str, body: Body) -> str:
         job_fail(
             job=job, code="infrastructure_error", message=f"The {stage} stage kept failing: {exc}"
         )
+    except OSError as exc:  # after TRANSIENT, which holds the network OSErrors
+        logger.warning("%s of %s: storage error %r", stage, job_id, exc)
+        job_fail(
+            job=job,
+            worker=worker,
+            code="storage_error",
+            message=f"The {stage} stage could not write to artifact storage: {_storage(exc)}",
+        )
     except CustomizationError as exc:
         job_fail(job=job, worker=worker, code=exc.code, message=exc.message, param=exc.param)
     except ApplicationError as exc:
@@ -102,6 +112,16 @@ def _run_stage(task: Any, job_id: str, stage: str, body: Body) -> str:
             message=f"Internal error during {stage}: {type(exc).__name__}: {exc}",
         )
     return "failed"
+
+
+def _storage(exc: OSError) -> str:
+    """The reason and, for a path under DATA_DIR, where (server paths stay private)."""
+    reason = exc.strerror or type(exc).__name__
+    if exc.filename:
+        root, path = Path(settings.DATA_DIR).resolve(), Path(str(exc.filename)).resolve()
+        if path == root or root in path.parents:
+            return f"{reason} ({path.relative_to(root)})"
+    return reason
 
 
 # -- validation (queue default) ---------------------------------------------------------------

@@ -329,3 +329,40 @@ def test_validation_split_is_shared_by_jobs_with_different_seeds(tiny_base_model
     assert first.train_digest == second.train_digest
     assert [e.line for e in first.valid] == [e.line for e in second.valid]
     assert len(first.valid) == 3
+
+
+@pytest.mark.parametrize("area", ["features", "adapters"])
+def test_unwritable_artifact_storage_fails_the_job_with_a_clear_error(
+    tiny_base_model: Any, django_capture_on_commit_callbacks: Any, data_dir: Any, area: str
+) -> None:
+    """Storage that refuses writes fails the job with storage_error; nothing is registered."""
+    data_path(area).parent.mkdir(parents=True, exist_ok=True)
+    data_path(area).write_bytes(b"")  # a file where a folder must be: every write fails
+    user = UserFactory()
+    job = _run(django_capture_on_commit_callbacks, user=user, file=FileFactory(owner=user))
+    assert job.status == "failed"
+    assert job.error["code"] == "storage_error"
+    assert f"({area})" in job.error["message"]
+    assert str(data_dir) not in job.error["message"]  # server paths stay private
+    assert not Adapter.objects.exists()
+    if area == "features":
+        assert not FeatureSet.objects.filter(status="ready").exists()
+
+
+def test_a_job_whose_message_was_lost_is_sent_again(
+    tiny_base_model: Any, django_capture_on_commit_callbacks: Any, settings: Any
+) -> None:
+    """An unclaimed job older than REQUEUE_AFTER is sent again, once per period, and runs."""
+    settings.CARRY_ON = {**settings.CARRY_ON, "REQUEUE_AFTER": 60}
+    user = UserFactory()
+    with django_capture_on_commit_callbacks(execute=False):  # the message is lost
+        job = _create(user=user, file=FileFactory(owner=user))
+    assert pipeline.job_sweep_unclaimed() == []  # too recent to tell from a slow queue
+    FineTuningJob.objects.filter(pk=job.pk).update(
+        updated_at=timezone.now() - timedelta(seconds=61)
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        assert pipeline.job_sweep_unclaimed() == [job.id]
+    job.refresh_from_db()
+    assert job.status == "succeeded", job.error
+    assert pipeline.job_sweep_unclaimed() == []

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from django.conf import settings
 from django.core.cache import cache
-from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
+from django.db import InterfaceError, OperationalError
 from django.db.models import Model, QuerySet
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from rest_framework import exceptions, serializers
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.negotiation import BaseContentNegotiation, DefaultContentNegotiation
+from rest_framework.parsers import JSONParser
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -71,8 +74,11 @@ class ErrorSerializer(serializers.Serializer):
     error = ErrorDetailSerializer()
 
 
-def _first_validation_error(detail: Any, path: str = "") -> tuple[str, str]:
-    """(param path, message) of the first error in a DRF ValidationError detail."""
+def _first_validation_error(detail: Any, path: str = "") -> tuple[str, Any]:
+    """(param path, message) of the first error in a DRF ValidationError detail.
+
+    The message is DRF's ``ErrorDetail`` (a str with a ``code``) where there is one.
+    """
     if isinstance(detail, dict):
         for key, value in detail.items():
             if key == "non_field_errors":
@@ -87,8 +93,12 @@ def _first_validation_error(detail: Any, path: str = "") -> tuple[str, str]:
         if isinstance(first, dict | list):
             index = next(i for i, item in enumerate(detail) if item)
             return _first_validation_error(detail[index], f"{path}[{index}]")
-        return path, str(first)
-    return path, str(detail)
+        return path, first
+    return path, detail
+
+
+# DRF's validation codes as OpenAI's: a missing argument, an unknown one, or a bad value.
+_VALIDATION_CODES = {"required": "missing_required_parameter", "unknown": "unknown_parameter"}
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
@@ -103,8 +113,11 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
     if isinstance(exc, exceptions.ValidationError):
         param, message = _first_validation_error(exc.detail)
         where = f"{param}: " if param else ""
+        code = _VALIDATION_CODES.get(getattr(message, "code", ""), "invalid_value")
         return Response(
-            error_body(f"{where}{message}", type="invalid_request_error", param=param or None),
+            error_body(
+                f"{where}{message}", type="invalid_request_error", param=param or None, code=code
+            ),
             status=400,
         )
     if isinstance(exc, exceptions.NotAuthenticated | exceptions.AuthenticationFailed):
@@ -121,7 +134,9 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
     if isinstance(exc, exceptions.ParseError):
         return Response(
             error_body(
-                f"The request body is not valid: {exc.detail}", type="invalid_request_error"
+                f"The request body is not valid: {exc.detail}",
+                type="invalid_request_error",
+                code="invalid_request_body",
             ),
             status=400,
         )
@@ -130,6 +145,29 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
             error_body(str(exc), type="invalid_request_error", code="request_too_large"),
             status=413,
         )
+    if isinstance(exc, SuspiciousOperation):  # e.g. too many multipart fields or files
+        return Response(
+            error_body(
+                f"The request was refused: {exc}",
+                type="invalid_request_error",
+                code="invalid_request_body",
+            ),
+            status=400,
+        )
+    if isinstance(exc, OperationalError | InterfaceError):
+        # The database went away (restart, failover): this request fails cleanly and the
+        # next one reconnects (CONN_HEALTH_CHECKS), so the caller can simply retry.
+        logger.warning("database unavailable in %s: %s", context.get("view"), exc)
+        response = Response(
+            error_body(
+                "The database is unavailable right now; retry shortly.",
+                type="server_error",
+                code="database_unavailable",
+            ),
+            status=503,
+        )
+        response["retry-after"] = "2"
+        return response
     if isinstance(exc, exceptions.APIException):
         code = exc.get_codes() if isinstance(exc.get_codes(), str) else None
         return Response(
@@ -152,6 +190,51 @@ def not_found(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
     )
 
 
+# -- parsing --------------------------------------------------------------------------------
+
+MAX_JSON_DEPTH = 64
+# NUL cannot be stored by PostgreSQL; a lone surrogate cannot be encoded as UTF-8 at all.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+class StrictJSONParser(JSONParser):
+    """DRF's JSON parser, refusing with a 400 what would otherwise surface as a 500 later:
+    nesting deeper than MAX_JSON_DEPTH (json recurses per level), NUL characters and lone
+    surrogates in any string or key."""
+
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
+        try:
+            data = super().parse(stream, media_type, parser_context)
+        except RecursionError:
+            raise exceptions.ParseError(
+                f"JSON parse error - nested deeper than {MAX_JSON_DEPTH} levels"
+            ) from None
+        _check_json(data)
+        return data
+
+
+def _check_json(data: Any) -> None:
+    """Walk the parsed document without recursion."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if _UNSTORABLE.search(value):
+                raise exceptions.ParseError(
+                    "JSON parse error - strings must not contain NUL characters or "
+                    "unpaired surrogates"
+                )
+            continue
+        if not isinstance(value, dict | list):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise exceptions.ParseError(
+                f"JSON parse error - nested deeper than {MAX_JSON_DEPTH} levels"
+            )
+        items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        stack.extend((item, depth + 1) for item in items)
+
+
 # -- rate limits ----------------------------------------------------------------------------
 
 
@@ -161,8 +244,12 @@ class RateLimit:
     window = 60
 
     def __init__(self, request: Request):
-        auth = request.auth
-        self.identity = f"key:{auth.pk}" if getattr(auth, "pk", None) else f"user:{request.user.pk}"
+        # Named by what never repeats (a key's hash, a user's join time), not by row ids,
+        # which a restored or recreated database hands out again.
+        auth, user = request.auth, request.user
+        hashed = getattr(auth, "hashed_key", "")
+        joined = user.date_joined.timestamp() if getattr(user, "date_joined", None) else 0
+        self.identity = f"key:{hashed[:24]}" if hashed else f"user:{user.pk}:{joined:.6f}"
         self.limit = int(settings.CARRY_ON["RATE_LIMIT_PER_MINUTE"])
         now = time.time()
         self.window_start = math.floor(now / self.window) * self.window
@@ -222,6 +309,7 @@ class ApiView(APIView):
     authentication_classes = [ApiKeyAuthentication, SessionAuthentication]
     permission_classes = [IsAuthenticated]
     content_negotiation_class = IgnoreAcceptNegotiation
+    parser_classes = [StrictJSONParser]  # like OpenAI: JSON bodies (uploads: multipart)
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super().initial(request, *args, **kwargs)

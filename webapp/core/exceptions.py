@@ -27,9 +27,10 @@ class ApplicationError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
-        self.code = code
         if status is not None:
             self.status = status
+        # A 400 without a more specific code is a bad argument value, as OpenAI answers it.
+        self.code = code if code is not None or self.status != 400 else "invalid_value"
         if type is not None:
             self.type = type
 
@@ -61,3 +62,15 @@ class ConflictError(ApplicationError):
 
 class PayloadTooLargeError(ApplicationError):
     status = 413
+
+
+class ServiceUnavailableError(ApplicationError):
+    """A dependency (database, broker) is unreachable right now; the same request may succeed
+    later. Nothing was created: the caller can simply retry after ``retry_after`` seconds."""
+
+    status = 503
+    type = "server_error"
+
+    def __init__(self, message: str, *, code: str, retry_after: int = 5):
+        super().__init__(message, code=code)
+        self.retry_after = retry_after

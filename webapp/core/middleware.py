@@ -1,11 +1,11 @@
-"""Refuse oversized API bodies with 413 before anything reads them."""
+"""Refuse oversized API bodies with 413, and NUL characters in URLs with 400, before any view."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 
 from webapp.core.api import error_response
 
@@ -36,4 +36,24 @@ class BodySizeLimitMiddleware:
                     f"The request body is {length} bytes; the limit is {limit} bytes.",
                     code="request_too_large",
                 )
+        return self.get_response(request)
+
+
+class NullCharacterMiddleware:
+    """A NUL in the path or query string is a 400 everywhere.
+
+    Ids and filters from the URL go into database queries, and PostgreSQL refuses NUL in
+    text (psycopg raises before the query is sent), which would otherwise be a 500.
+    """
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]):
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        query = request.META.get("QUERY_STRING", "")
+        if "\x00" in request.path or "%00" in query or "\x00" in query:
+            message = "The URL must not contain NUL characters."
+            if request.path.startswith("/v1/"):
+                return error_response(400, message, code="invalid_url")
+            return HttpResponseBadRequest(message)
         return self.get_response(request)

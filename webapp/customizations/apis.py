@@ -7,13 +7,14 @@ on a job). Each view parses input, calls one service or selector, and serializes
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from django.http import HttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -23,9 +24,21 @@ from webapp.customizations import selectors
 from webapp.customizations.models import Adapter, BaseModel, Checkpoint, File, FineTuningJob
 from webapp.customizations.services.adapters import adapter_delete
 from webapp.customizations.services.files import PURPOSES, file_create, file_delete, file_read
-from webapp.customizations.services.jobs import job_cancel, job_create, job_model_name
+from webapp.customizations.services.jobs import (
+    BASE_LEARNING_RATE,
+    job_cancel,
+    job_create,
+    job_model_name,
+)
 
-ERRORS = {400: ErrorSerializer, 401: ErrorSerializer, 404: ErrorSerializer, 429: ErrorSerializer}
+# Every operation may answer these; 503: the database or the broker is briefly unreachable.
+ERRORS = {
+    400: ErrorSerializer,
+    401: ErrorSerializer,
+    404: ErrorSerializer,
+    429: ErrorSerializer,
+    503: ErrorSerializer,
+}
 LIST_PARAMETERS = [
     OpenApiParameter("after", str, description="Cursor: the id of the last object seen."),
     OpenApiParameter("limit", int, description="Page size, 1 to 100 (default 20)."),
@@ -169,7 +182,8 @@ class HyperparametersSerializer(serializers.Serializer):
     n_epochs = serializers.JSONField(required=False, help_text='"auto" or 1..50')
     batch_size = serializers.JSONField(required=False, help_text='"auto" or 1..256')
     learning_rate_multiplier = serializers.JSONField(
-        required=False, help_text='"auto" or a multiplier of the carry-on base rate (1e-3)'
+        required=False,
+        help_text=f'"auto" or a multiplier of the carry-on base rate ({BASE_LEARNING_RATE:g})',
     )
 
 
@@ -180,7 +194,9 @@ class CarryOnOptionsSerializer(serializers.Serializer):
     n_blocks = serializers.IntegerField(required=False)
     n_heads = serializers.IntegerField(required=False)
     mlp_ratio = serializers.FloatField(required=False)
-    taps = serializers.ListField(child=serializers.IntegerField(), required=False)
+    taps = serializers.JSONField(
+        required=False, help_text='"auto" (the default ladder for the base) or layer indices'
+    )
     tap_mode = serializers.CharField(required=False)
     alpha = serializers.FloatField(required=False)
     dropout = serializers.FloatField(required=False)
@@ -207,7 +223,8 @@ class JobCreateSerializer(serializers.Serializer):
             for name in data:
                 if name not in self.fields:
                     raise serializers.ValidationError(
-                        {name: [f"Unrecognized request argument supplied: {name}"]}
+                        {name: [f"Unrecognized request argument supplied: {name}"]},
+                        code="unknown",
                     )
         return super().to_internal_value(data)
 
@@ -304,18 +321,29 @@ def job_object(job: FineTuningJob) -> dict[str, Any]:
     }
 
 
+_METADATA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
 def _metadata_filters(request: Request) -> dict[str, Any]:
-    """``?metadata[key]=value`` filters, as OpenAI's list endpoint accepts."""
-    return {
-        f"metadata__{key[len('metadata[') : -1]}": value
-        for key, value in request.query_params.items()
-        if key.startswith("metadata[") and key.endswith("]") and len(key) > len("metadata[]")
-    }
+    """``?metadata[key]=value`` filters, as OpenAI's list endpoint accepts.
+
+    ``__exact`` makes the key a JSON key, never a lookup (``metadata[contains]``).
+    """
+    filters = {}
+    for name, value in request.query_params.items():
+        if not (name.startswith("metadata[") and name.endswith("]")):
+            continue
+        key = name[len("metadata[") : -1]
+        if not _METADATA_KEY.match(key) or "__" in key:
+            raise ApplicationError(
+                "metadata filter keys are 1 to 64 letters, digits, '.', '-' or '_'",
+                param="metadata",
+            )
+        filters[f"metadata__{key}__exact"] = value
+    return filters
 
 
 class JobListCreateApi(ApiView):
-    parser_classes = [JSONParser]
-
     @extend_schema(
         operation_id="createFineTuningJob",
         summary="Train a carry-on on a validated file (extraction is cached per dataset)",

@@ -7,8 +7,20 @@ from typing import Any
 from django import forms
 
 from webapp.accounts.models import User
-from webapp.customizations.models import File
+from webapp.customizations.models import BaseModel, File
 from webapp.customizations.selectors import base_model_default, base_model_list, file_list
+from webapp.customizations.services.jobs import (
+    AUTO_HYPERPARAMETERS,
+    CARRY_ON_DEFAULTS,
+    resolve_default_taps,
+)
+
+# Carry-on widths offered in the form (the API takes any valid width).
+D_MODEL_CHOICES = (32, 64, 128, 256, 512)
+TAP_MODES = (
+    ("mix", "mix: learned weighted sum of the taps at the input"),
+    ("ladder", "ladder: each block adds its own tap (Ladder Side-Tuning)"),
+)
 
 
 class FileUploadForm(forms.Form):
@@ -21,27 +33,195 @@ class FileUploadForm(forms.Form):
 class JobCreateForm(forms.Form):
     """A job on one file; empty numbers mean "auto", as in the API."""
 
+    training_file = forms.ChoiceField(label="Training dataset")
     model = forms.ChoiceField(label="Base model")
-    validation_file = forms.ChoiceField(label="Validation file", required=False)
+    validation_file = forms.ChoiceField(label="Validation dataset", required=False)
     n_epochs = forms.IntegerField(min_value=1, max_value=50, required=False, label="Epochs")
-    batch_size = forms.IntegerField(min_value=1, max_value=256, required=False)
     learning_rate_multiplier = forms.FloatField(
-        min_value=0.001, max_value=10, required=False, label="Learning-rate multiplier"
+        min_value=0.001,
+        max_value=10,
+        required=False,
+        label="Learning-rate multiplier",
+        help_text="Times the carry-on's base rate of 0.001.",
     )
-    suffix = forms.CharField(max_length=64, required=False)
-    seed = forms.IntegerField(min_value=0, max_value=2**31 - 1, required=False)
+    batch_size = forms.IntegerField(min_value=1, max_value=256, required=False, label="Batch size")
+    d_model = forms.TypedChoiceField(
+        label="Carry-on width",
+        coerce=int,
+        required=False,
+        empty_value=None,
+        help_text="Hidden size of the carry-on's blocks (the paper's 1 MB carry-on is 128).",
+    )
+    n_blocks = forms.IntegerField(
+        min_value=1, max_value=16, required=False, label="Carry-on blocks"
+    )
+    taps = forms.CharField(
+        max_length=200,
+        required=False,
+        label="Taps",
+        help_text="Hidden-state layers of the base to read, comma-separated: -1 is the final "
+        "layer; 8,16,24 reads three layers.",
+    )
+    tap_mode = forms.ChoiceField(
+        label="Tap mode", choices=TAP_MODES, required=False, help_text="Used with several taps."
+    )
+    suffix = forms.CharField(
+        max_length=64,
+        required=False,
+        label="Name suffix",
+        help_text="Becomes part of the model name; letters, digits, '-', '_' and '.'.",
+    )
+    seed = forms.IntegerField(min_value=0, max_value=2**31 - 1, required=False, label="Seed")
 
-    def __init__(self, *args: Any, user: User, exclude_file: str | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, user: User, training_file: File | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.fields["model"].choices = [(b.name, b.name) for b in base_model_list()]
+        bases = list(base_model_list())
+        self.bases = {base.name: base for base in bases}
+        self.fields["model"].choices = [(b.name, b.name) for b in bases]
         default = base_model_default()
         if default is not None:
             self.fields["model"].initial = default.name
-        files = file_list(user=user).filter(status=File.Status.PROCESSED).exclude(pk=exclude_file)
-        self.fields["validation_file"].choices = [("", "— split the training file —")] + [
-            (f.id, f"{f.filename} ({f.id})") for f in files
+        processed = list(file_list(user=user).filter(status=File.Status.PROCESSED))
+        self.files = {f.id: f for f in processed}
+        field = self.fields["training_file"]
+        field.choices = [(f.id, _file_label(f)) for f in processed]
+        if training_file is not None:
+            # Fixed by the URL (the dataset page): not a choice the form offers.
+            field.required = False
+            field.disabled = True
+            field.initial = training_file.id
+            if training_file.id not in self.files:
+                field.choices = [*field.choices, (training_file.id, _file_label(training_file))]
+                self.files[training_file.id] = training_file
+        others = [f for f in processed if training_file is None or f.id != training_file.id]
+        self.fields["validation_file"].choices = [("", "— hold out 10% of the training set —")] + [
+            (f.id, _file_label(f)) for f in others
         ]
+        self._placeholders()
+
+    FIELDSETS = (
+        ("Data and base", ("training_file", "validation_file", "model")),
+        ("Training", ("n_epochs", "learning_rate_multiplier", "batch_size", "seed")),
+        ("Carry-on size and taps", ("d_model", "n_blocks", "taps", "tap_mode")),
+        ("Name", ("suffix",)),
+    )
+
+    def fieldsets(self) -> list[tuple[str, list[forms.BoundField]]]:
+        return [(legend, [self[name] for name in names]) for legend, names in self.FIELDSETS]
+
+    def _placeholders(self) -> None:
+        auto = AUTO_HYPERPARAMETERS
+        self.fields["n_epochs"].widget.attrs["placeholder"] = f"auto ({auto['n_epochs']})"
+        self.fields["batch_size"].widget.attrs["placeholder"] = f"auto ({auto['batch_size']})"
+        self.fields["learning_rate_multiplier"].widget.attrs.update(
+            placeholder=f"auto ({auto['learning_rate_multiplier']})", step="any"
+        )
+        default_width = CARRY_ON_DEFAULTS["d_model"]
+        self.fields["d_model"].choices = [("", f"default ({default_width})")] + [
+            (str(width), str(width)) for width in D_MODEL_CHOICES
+        ]
+        self.fields["n_blocks"].widget.attrs["placeholder"] = (
+            f"default ({CARRY_ON_DEFAULTS['n_blocks']})"
+        )
+        default_taps = ",".join(str(t) for t in resolve_default_taps(None))
+        self.fields["taps"].widget.attrs["placeholder"] = f"default ladder ({default_taps})"
+        self.fields["tap_mode"].initial = CARRY_ON_DEFAULTS["tap_mode"]
+        self.fields["seed"].widget.attrs["placeholder"] = "random"
+
+    def clean_taps(self) -> list[int] | None:
+        raw = self.cleaned_data["taps"].strip()
+        if not raw:
+            return None
+        try:
+            taps = [int(part) for part in raw.replace(" ", "").split(",") if part]
+        except ValueError:
+            raise forms.ValidationError("Taps are whole numbers separated by commas.") from None
+        if not taps:
+            return None
+        if len(set(taps)) != len(taps):
+            raise forms.ValidationError("A layer is listed twice.")
+        return taps
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        base = self.bases.get(cleaned.get("model") or "")
+        taps = cleaned.get("taps")
+        layers = _num_layers(base)
+        if taps and layers:
+            wrong = [t for t in taps if not -(layers + 1) <= t <= layers]
+            if wrong:
+                self.add_error(
+                    "taps",
+                    f"{base} has hidden states 0..{layers} (or -1..-{layers + 1}); "
+                    f"{wrong[0]} is out of range.",
+                )
+        return cleaned
+
+    def training_file_id(self) -> str:
+        return str(self.cleaned_data.get("training_file") or self.fields["training_file"].initial)
 
     def hyperparameters(self) -> dict[str, Any]:
         names = ("n_epochs", "batch_size", "learning_rate_multiplier")
         return {name: self.cleaned_data[name] for name in names if self.cleaned_data[name]}
+
+    def carry_on(self) -> dict[str, Any]:
+        """Only the options the user set; the service fills in the defaults."""
+        options: dict[str, Any] = {}
+        for name in ("d_model", "n_blocks", "taps"):
+            if self.cleaned_data.get(name):
+                options[name] = self.cleaned_data[name]
+        taps = options.get("taps") or resolve_default_taps(None)
+        if self.cleaned_data.get("tap_mode") and len(taps) > 1:
+            options["tap_mode"] = self.cleaned_data["tap_mode"]
+        return options
+
+
+def _file_label(file: File) -> str:
+    return f"{file.filename} · {file.n_examples} examples ({file.id})"
+
+
+def _num_layers(base: BaseModel | None) -> int | None:
+    if base is None:
+        return None
+    layers = (base.fingerprint or {}).get("num_layers")
+    return int(layers) if isinstance(layers, int) else None
+
+
+class AdapterRenameForm(forms.Form):
+    label = forms.CharField(max_length=100, required=False, label="Name")
+
+
+class PlaygroundForm(forms.Form):
+    """The playground without JavaScript: one prompt, one answer (or two, side by side)."""
+
+    model = forms.CharField(max_length=512, label="Model")
+    compare = forms.BooleanField(required=False, label="Side by side")
+    compare_model = forms.CharField(max_length=512, required=False, label="Compare with")
+    system = forms.CharField(
+        required=False, max_length=4000, label="System prompt", widget=forms.Textarea({"rows": 2})
+    )
+    prompt = forms.CharField(max_length=8000, label="Message", widget=forms.Textarea({"rows": 3}))
+    temperature = forms.FloatField(min_value=0, max_value=2, initial=0.7, label="Temperature")
+    top_p = forms.FloatField(min_value=0.01, max_value=1, initial=1.0, label="Top p")
+    max_tokens = forms.IntegerField(min_value=1, max_value=2048, initial=128, label="Max tokens")
+
+    def messages(self) -> list[dict[str, str]]:
+        system = self.cleaned_data["system"].strip()
+        turns = [{"role": "system", "content": system}] if system else []
+        return [*turns, {"role": "user", "content": self.cleaned_data["prompt"]}]
+
+    def models(self) -> list[str]:
+        names = [self.cleaned_data["model"]]
+        if self.cleaned_data["compare"] and self.cleaned_data["compare_model"]:
+            names.append(self.cleaned_data["compare_model"])
+        return names
+
+
+class EstimateQuery(forms.Form):
+    """``GET /jobs/estimate/``: what the time estimate depends on."""
+
+    training_file = forms.CharField(max_length=64)
+    model = forms.CharField(max_length=128, required=False)
+    n_epochs = forms.IntegerField(min_value=1, max_value=50, required=False)
+    d_model = forms.IntegerField(min_value=8, max_value=8192, required=False)
+    n_blocks = forms.IntegerField(min_value=1, max_value=64, required=False)

@@ -9,10 +9,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
+from django.utils import timezone
 
 from webapp.accounts.models import User
-from webapp.core.exceptions import NotFoundError
+from webapp.core.exceptions import ApplicationError, NotFoundError
 from webapp.customizations.models import (
     Adapter,
     BaseModel,
@@ -69,9 +70,18 @@ def job_event_get(*, user: User, event_id: str) -> JobEvent:
     return event
 
 
-def job_loss_curve(*, job: FineTuningJob) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class LossCurve:
+    """Loss points by step, and the run's planned number of steps when it is known."""
+
+    points: list[dict[str, Any]]
+    total_steps: int | None = None
+
+
+def job_curve(*, job: FineTuningJob) -> LossCurve:
     """(step, train_loss[, valid_loss]) points from the job's metrics events, by step."""
     points: dict[int, dict[str, Any]] = {}
+    total_steps: int | None = None
     for data in job.events.filter(type=JobEvent.Type.METRICS).values_list("data", flat=True):
         if not isinstance(data, dict) or "step" not in data:
             continue
@@ -79,7 +89,13 @@ def job_loss_curve(*, job: FineTuningJob) -> list[dict[str, Any]]:
         for key in ("train_loss", "valid_loss"):
             if data.get(key) is not None:
                 point[key] = float(data[key])
-    return [points[step] for step in sorted(points)]
+        if isinstance(data.get("total_steps"), int):
+            total_steps = max(total_steps or 0, data["total_steps"])
+    return LossCurve([points[step] for step in sorted(points)], total_steps)
+
+
+def job_loss_curve(*, job: FineTuningJob) -> list[dict[str, Any]]:
+    return job_curve(job=job).points
 
 
 def checkpoint_list(*, user: User, job_id: str) -> QuerySet[Checkpoint]:
@@ -156,3 +172,124 @@ def model_resolve(*, user: User, name: str) -> ServableModel:
     raise NotFoundError(
         f"The model '{name}' does not exist or you do not have access to it.", param="model"
     )
+
+
+def adapter_get_by_id(*, user: User, adapter_id: int) -> Adapter:
+    adapter = adapter_list(user=user).filter(pk=adapter_id).first()
+    if adapter is None:
+        raise NotFoundError(f"No adapter with id {adapter_id}", param="id")
+    return adapter
+
+
+# -- what the browser pages show ------------------------------------------------------------
+
+RECENT = 5
+EVENTS_SHOWN = 200
+PREVIEW_EXAMPLES = 3
+PREVIEW_LINES = 50
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    n_files: int
+    files: list[File]
+    running_jobs: list[FineTuningJob]
+    recent_jobs: list[FineTuningJob]
+    n_jobs: int
+    n_adapters: int
+    adapters: list[Adapter]
+
+
+def dashboard_get(*, user: User) -> Dashboard:
+    """The user's records at a glance: newest datasets, live and recent jobs, adapters."""
+    jobs = job_list(user=user)
+    live = jobs.exclude(status__in=FineTuningJob.TERMINAL)
+    adapters = adapter_list(user=user)
+    return Dashboard(
+        n_files=file_list(user=user).count(),
+        files=list(file_list(user=user)[:RECENT]),
+        running_jobs=list(live[:20]),
+        recent_jobs=list(jobs.filter(status__in=FineTuningJob.TERMINAL)[:RECENT]),
+        n_jobs=jobs.count(),
+        n_adapters=adapters.count(),
+        adapters=list(adapters[:RECENT]),
+    )
+
+
+@dataclass(frozen=True)
+class JobPage:
+    """Everything the job page shows, all read from the database (a reload shows the same)."""
+
+    job: FineTuningJob
+    curve: LossCurve
+    events: list[JobEvent]
+    checkpoints: list[Checkpoint]
+    elapsed_seconds: float | None
+    eta_seconds: float | None
+
+
+def job_page_get(*, user: User, job_id: str) -> JobPage:
+    job = job_get(user=user, job_id=job_id)
+    # The log: messages and per-epoch summaries; per-step metrics are drawn, not listed.
+    events = job.events.filter(
+        Q(type=JobEvent.Type.MESSAGE) | Q(data__has_key="epoch_train_loss")
+    ).order_by("-seq")[:EVENTS_SHOWN]
+    elapsed = eta = None
+    if job.started_at is not None:
+        end = job.finished_at or timezone.now()
+        elapsed = max(0.0, (end - job.started_at).total_seconds())
+        # Progress over elapsed time; only once there is enough progress to extrapolate.
+        if job.status == FineTuningJob.Status.RUNNING and job.progress >= 0.02:
+            eta = elapsed * (1 - job.progress) / job.progress
+    return JobPage(
+        job=job,
+        curve=job_curve(job=job),
+        events=list(events),
+        checkpoints=list(job.checkpoints.order_by("step")),
+        elapsed_seconds=elapsed,
+        eta_seconds=eta,
+    )
+
+
+def file_preview(*, file: File, limit: int = PREVIEW_EXAMPLES) -> list[dict[str, Any]]:
+    """The first valid examples as the default base's chat template renders them for training.
+
+    Each item: ``line``, ``messages`` and ``rendered`` (None when no base is registered).
+    """
+    from customization.datasets import parse_dataset
+    from webapp.customizations.services.base_models import base_tokenizer
+    from webapp.customizations.services.files import file_read
+
+    try:
+        data = file_read(file=file)
+        base = base_model_default()
+        tokenizer = base_tokenizer(base) if base is not None else None
+    except ApplicationError:
+        return []
+    # Only the head of the file: the preview must not parse a large upload on every view.
+    end = 0
+    for _ in range(PREVIEW_LINES):
+        newline = data.find(b"\n", end)
+        end = len(data) if newline < 0 else newline + 1
+        if newline < 0:
+            break
+    parsed = parse_dataset(data[:end])
+    preview = []
+    for example in parsed.examples[:limit]:
+        rendered = None
+        if tokenizer is not None:
+            rendered = tokenizer.render(example.messages, add_generation_prompt=False)
+        preview.append({"line": example.line, "messages": example.messages, "rendered": rendered})
+    return preview
+
+
+@dataclass(frozen=True)
+class PlaygroundModels:
+    bases: list[BaseModel]
+    adapters: list[Adapter]
+
+
+def playground_models(*, user: User) -> PlaygroundModels:
+    """What the user may chat with: enabled bases and their own active adapters."""
+    adapters = adapter_list(user=user, active_only=True).filter(base__enabled=True)
+    return PlaygroundModels(bases=list(base_model_list()), adapters=list(adapters))

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from django.http import StreamingHttpResponse
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers
 from rest_framework.request import Request
@@ -18,6 +19,8 @@ from webapp.core.api import ApiView, ErrorSerializer, error_body
 from webapp.serving.services import ChatRequest, SubmittedChat, chat_completion_submit
 
 ROLES = ("system", "developer", "user", "assistant")
+# Generation also stops at the context window; this only bounds the number itself.
+MAX_NEW_TOKENS = 1_000_000
 # Accepted for compatibility and ignored: they change nothing about the answer.
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
 UNSUPPORTED_FIELDS = (
@@ -71,8 +74,12 @@ class ChatCompletionInputSerializer(serializers.Serializer):
     messages = MessageSerializer(many=True, allow_empty=False)
     temperature = serializers.FloatField(required=False, min_value=0.0, max_value=2.0, default=1.0)
     top_p = serializers.FloatField(required=False, min_value=0.0, max_value=1.0, default=1.0)
-    max_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
-    max_completion_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    max_tokens = serializers.IntegerField(
+        required=False, allow_null=True, min_value=1, max_value=MAX_NEW_TOKENS
+    )
+    max_completion_tokens = serializers.IntegerField(
+        required=False, allow_null=True, min_value=1, max_value=MAX_NEW_TOKENS
+    )
     stop = serializers.JSONField(required=False, allow_null=True)
     seed = serializers.IntegerField(
         required=False, allow_null=True, min_value=-(2**63), max_value=2**63 - 1
@@ -99,7 +106,8 @@ class ChatCompletionInputSerializer(serializers.Serializer):
                     raise serializers.ValidationError({name: ["is not supported by this server"]})
                 if name not in self.fields and name not in UNSUPPORTED_FIELDS + IGNORED_FIELDS:
                     raise serializers.ValidationError(
-                        {name: [f"Unrecognized request argument supplied: {name}"]}
+                        {name: [f"Unrecognized request argument supplied: {name}"]},
+                        code="unknown",
                     )
         return super().to_internal_value(data)
 
@@ -231,16 +239,15 @@ class ChatCompletionCreateApi(ApiView):
         summary="Chat with a base model, a fine-tuned carry-on or one of its checkpoints",
         request=ChatCompletionInputSerializer,
         responses={
-            200: OpenApiResponse(
-                ChatCompletionSerializer,
-                description="A completion; with stream=true, a text/event-stream of "
-                "chat.completion.chunk objects ending in 'data: [DONE]'.",
+            (200, "application/json"): OpenApiResponse(
+                ChatCompletionSerializer, description="A completion (stream=false)."
             ),
-            400: ErrorSerializer,
-            401: ErrorSerializer,
-            404: ErrorSerializer,
-            413: ErrorSerializer,
-            429: ErrorSerializer,
+            (200, "text/event-stream"): OpenApiResponse(
+                OpenApiTypes.STR,
+                description="With stream=true: chat.completion.chunk objects as server-sent "
+                "events, ending in 'data: [DONE]'.",
+            ),
+            **{status: ErrorSerializer for status in (400, 401, 404, 413, 429, 500, 503)},
         },
     )
     def post(self, request: Request) -> Response | StreamingHttpResponse:

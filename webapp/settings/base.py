@@ -48,6 +48,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "webapp.core.middleware.NullCharacterMiddleware",
     "webapp.core.middleware.BodySizeLimitMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -91,6 +92,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_USER_MODEL = "accounts.User"
+AUTHENTICATION_BACKENDS = [
+    # refuses every log-in attempt while its (username, address) is locked out
+    "webapp.accounts.throttling.LoginThrottleBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -154,6 +160,15 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_TIME_LIMIT = int(os.environ.get("CARRY_ON_TASK_TIME_LIMIT", 6 * 3600))
 CELERY_TASK_SOFT_TIME_LIMIT = CELERY_TASK_TIME_LIMIT - 60
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Sending a task gives up after about a second when the broker is unreachable: job creation
+# then answers 503 and creates nothing (services/jobs.py), instead of hanging the request.
+CELERY_BROKER_CONNECTION_TIMEOUT = float(os.environ.get("CARRY_ON_BROKER_CONNECT_TIMEOUT", "2"))
+CELERY_TASK_PUBLISH_RETRY_POLICY = {
+    "max_retries": 2,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 0.5,
+}
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 # Queues: default (validation, bookkeeping), embed (inference nodes holding the base),
 # train (training nodes). A worker picks its queues with -Q.
@@ -174,10 +189,24 @@ CARRY_ON = {
     "HEARTBEAT_INTERVAL": float(os.environ.get("CARRY_ON_HEARTBEAT_INTERVAL", "5")),
     # a stage whose worker dies this many times fails instead of being resumed again
     "MAX_ATTEMPTS": int(os.environ.get("CARRY_ON_MAX_ATTEMPTS", "3")),
+    # seconds after which a queued job that no worker has taken is sent to the broker again
+    # (its message was lost: broker down when a stage was enqueued, or a crash right before)
+    "REQUEUE_AFTER": int(os.environ.get("CARRY_ON_REQUEUE_AFTER", "900")),
+    # the largest carry-on a job may ask for (parameters), so no request can exhaust a worker
+    "MAX_CARRY_ON_PARAMETERS": int(
+        os.environ.get("CARRY_ON_MAX_CARRY_ON_PARAMETERS", str(256 * 1024 * 1024))
+    ),
     # the longest example (in tokens of the job's base) an upload or a job accepts
     "MAX_EXAMPLE_TOKENS": int(os.environ.get("CARRY_ON_MAX_EXAMPLE_TOKENS", "4096")),
     # API requests per minute per key (429 with retry-after beyond it)
     "RATE_LIMIT_PER_MINUTE": int(os.environ.get("CARRY_ON_RATE_LIMIT_PER_MINUTE", "600")),
+    # browser log-in: this many failures for one username from one address (or 10x as many
+    # from one address for any usernames) lock further attempts out for LOGIN_LOCKOUT_SECONDS
+    "LOGIN_MAX_FAILURES": int(os.environ.get("CARRY_ON_LOGIN_MAX_FAILURES", "5")),
+    "LOGIN_LOCKOUT_SECONDS": int(os.environ.get("CARRY_ON_LOGIN_LOCKOUT_SECONDS", "900")),
+    # reverse proxies in front of the service that append to X-Forwarded-For (0: none, the
+    # client address is REMOTE_ADDR); only these trusted hops are skipped
+    "TRUSTED_PROXIES": int(os.environ.get("CARRY_ON_TRUSTED_PROXIES", "0")),
     # the serving engine of each web process
     "SERVING_MAX_BATCH": int(os.environ.get("CARRY_ON_SERVING_MAX_BATCH", "8")),
     "SERVING_MAX_PENDING": int(os.environ.get("CARRY_ON_SERVING_MAX_PENDING", "32")),
@@ -188,6 +217,10 @@ CARRY_ON = {
     # register the bundled SmolLM2 as the default base when no base exists
     "BUNDLED_BASE": env_bool("CARRY_ON_BUNDLED_BASE", True),
 }
+
+# -- The browser pages ------------------------------------------------------------------------
+# Self-service sign-up at /accounts/signup/; off by default (the operator creates accounts).
+CARRY_ON["SIGNUP_ENABLED"] = env_bool("CARRY_ON_SIGNUP_ENABLED", False)
 
 # -- REST API -------------------------------------------------------------------------------
 REST_FRAMEWORK = {

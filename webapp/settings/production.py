@@ -10,11 +10,15 @@ import os
 from django.core.exceptions import ImproperlyConfigured
 
 from webapp.settings.base import *  # noqa: F403
-from webapp.settings.base import SECRET_KEY, env_bool
+from webapp.settings.base import CARRY_ON, SECRET_KEY, env_bool, env_list
 
 DEBUG = False
 if len(SECRET_KEY) < 50:
     raise ImproperlyConfigured("DJANGO_SECRET_KEY must be set to a random string of 50+ characters")
+# No default: the public host name(s) must be given, e.g. "studio.example.com".
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS")
+if not ALLOWED_HOSTS:
+    raise ImproperlyConfigured("DJANGO_ALLOWED_HOSTS must list the host names the site serves")
 
 # TLS terminates at the proxy, which sets X-Forwarded-Proto.
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
@@ -28,5 +32,11 @@ SESSION_COOKIE_SECURE = True
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_SECURE = True
 X_FRAME_OPTIONS = "DENY"
+# The proxy appends the client's address to X-Forwarded-For: trust that one hop (log-in
+# throttling counts per address); set CARRY_ON_TRUSTED_PROXIES to the real number of hops.
+CARRY_ON = {
+    **CARRY_ON,
+    "TRUSTED_PROXIES": int(os.environ.get("CARRY_ON_TRUSTED_PROXIES", "1")),
+}
 # Health checks from the load balancer come over plain HTTP.
 SECURE_REDIRECT_EXEMPT = [r"^healthz$"]

@@ -61,3 +61,19 @@ def test_another_users_api_key_is_not_found_and_never_listed() -> None:
     with pytest.raises(NotFoundError):
         api_key_get(user=mine, key_id=other.pk)
     assert api_key_get(user=theirs, key_id=other.pk) == other
+
+
+def test_the_raw_key_is_nowhere_in_the_database() -> None:
+    """After creating and using a key, a dump of every table holds its hash, never the key."""
+    import io
+
+    from django.core.management import call_command
+
+    user = UserFactory()
+    _, raw = api_key_create(user=user, name="dumped")
+    _authenticate(raw)
+    dump = io.StringIO()
+    call_command("dumpdata", stdout=dump)
+    assert hash_api_key(raw) in dump.getvalue()
+    assert raw not in dump.getvalue()
+    assert raw[len("sk-co-") :] not in dump.getvalue()

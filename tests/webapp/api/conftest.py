@@ -1,15 +1,15 @@
-"""Fixtures for the REST API: a user with a bearer key, a lively tiny base, real adapters."""
+"""Fixtures for the REST API: a user with a bearer key and a lively tiny base."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from rest_framework.test import APIClient
 
-from tests.factories import FineTuningJobFactory, UserFactory
+from tests.factories import UserFactory
 from webapp.accounts.services import api_key_create
 
 
@@ -63,32 +63,3 @@ def bearer_client(user: Any) -> APIClient:
 @pytest.fixture
 def api(user: Any) -> APIClient:
     return bearer_client(user)
-
-
-@pytest.fixture
-def make_adapter(settings: Any) -> Callable[..., Any]:
-    """A real carry-on artifact for a base, registered as an adapter of ``owner``."""
-
-    def make(owner: Any, base: Any, *, seed: int, suffix: str = "") -> Any:
-        from customization.base_model import load_base_model
-        from customization.checkpoint import save_carry_on
-        from tests.helpers.carry_on_kit import new_carry_on, perturb, tiny_config
-        from webapp.core.utils import data_path
-        from webapp.customizations.models import Adapter, FineTuningJob
-        from webapp.customizations.services.jobs import job_model_name
-
-        frozen = load_base_model(base.path, name=base.name)
-        carry_on = perturb(new_carry_on(frozen, tiny_config(), seed=seed), seed=seed)
-        job = FineTuningJobFactory(
-            owner=owner, base=base, suffix=suffix, status=FineTuningJob.Status.SUCCEEDED
-        )
-        relative = f"adapters/{job.id}"
-        info = save_carry_on(
-            carry_on, data_path(relative), base_fingerprints=[frozen.fingerprint()]
-        )
-        return Adapter.objects.create(
-            name=job_model_name(job), owner=owner, base=base, job=job, path=relative,
-            sha256=info.sha256, bytes=info.nbytes, n_parameters=info.num_parameters,
-        )  # fmt: skip
-
-    return make

@@ -107,16 +107,3 @@ def test_a_file_used_by_an_active_job_cannot_be_deleted(
     response = api.delete(f"/v1/files/{job.training_file_id}")
     assert response.status_code == 409
     assert File.objects.filter(pk=job.training_file_id).exists()
-
-
-def test_another_users_file_is_not_found(api: Any, lively_base_model: Any) -> None:
-    """Another user's file id answers 404 for retrieve, content and delete."""
-    other = FileFactory(owner=UserFactory())
-    for response in (
-        api.get(f"/v1/files/{other.id}"),
-        api.get(f"/v1/files/{other.id}/content"),
-        api.delete(f"/v1/files/{other.id}"),
-    ):
-        assert response.status_code == 404
-        assert response.json()["error"]["type"] == "invalid_request_error"
-    assert File.objects.filter(pk=other.id).exists()

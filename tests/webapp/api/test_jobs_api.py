@@ -143,17 +143,3 @@ def test_checkpoints_are_named_after_the_fine_tuned_model(
     )
     assert data[0]["step_number"] == 10
     assert data[0]["metrics"]["train_loss"] == 1.5
-
-
-def test_another_users_job_is_not_found_everywhere(api: Any, lively_base_model: Any) -> None:
-    """Retrieve, cancel, events and checkpoints of another user's job are all 404."""
-    job = FineTuningJobFactory(owner=UserFactory(), status="queued")
-    for response in (
-        api.get(f"/v1/fine_tuning/jobs/{job.id}"),
-        api.post(f"/v1/fine_tuning/jobs/{job.id}/cancel"),
-        api.get(f"/v1/fine_tuning/jobs/{job.id}/events"),
-        api.get(f"/v1/fine_tuning/jobs/{job.id}/checkpoints"),
-    ):
-        assert response.status_code == 404
-    job.refresh_from_db()
-    assert job.status == "queued"

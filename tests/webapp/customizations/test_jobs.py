@@ -166,6 +166,52 @@ def test_auto_hyperparameters_resolve_from_the_data(
     job.refresh_from_db()
     assert job.status == Status.QUEUED
     assert job.stage == "extracting"
-    assert job.hyperparameters == {"n_epochs": 3, "batch_size": 3, "learning_rate_multiplier": 2.0}
+    assert job.hyperparameters == {"n_epochs": 3, "batch_size": 3, "learning_rate_multiplier": 1.0}
     assert job.carry_on["max_length"] == file.max_example_tokens
     assert job.carry_on["checkpoint_every"] >= 1
+
+
+def test_a_job_with_no_options_trains_the_core_default_carry_on(tiny_base_model: Any) -> None:
+    """The web defaults are customization.config's: the ladder for the job's base, its lr."""
+    from customization.config import CarryOnConfig, TrainingConfig, default_taps
+    from webapp.customizations.services.pipeline import job_carry_on_config, job_training_config
+
+    user = UserFactory()
+    file = FileFactory(owner=user, content=toy_jsonl(4))
+    job = job_create(user=user, training_file=file.id)
+    layers = tiny_base_model.fingerprint["num_layers"]
+    assert job.carry_on["taps"] == list(default_taps(layers))
+    shape, default = job_carry_on_config(job), CarryOnConfig()
+    assert (shape.tap_mode, shape.d_model, shape.n_blocks) == (
+        default.tap_mode,
+        default.d_model,
+        default.n_blocks,
+    )
+    job.hyperparameters = {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 1.0}
+    job.carry_on = {**job.carry_on, "checkpoint_every": 0}
+    assert job_training_config(job).learning_rate == TrainingConfig().learning_rate
+
+
+def test_job_create_answers_503_and_keeps_nothing_when_the_broker_is_down(
+    tiny_base_model: Any, django_capture_on_commit_callbacks: Any, monkeypatch: Any
+) -> None:
+    """A broker that refuses the task: ServiceUnavailableError, and the job is withdrawn."""
+    from kombu.exceptions import OperationalError
+
+    from webapp.core.exceptions import ServiceUnavailableError
+    from workers import tasks
+
+    def refuse(**_: Any) -> None:
+        raise OperationalError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
+
+    monkeypatch.setattr(tasks.validate_job_files, "apply_async", refuse)
+    user = UserFactory()
+    file = FileFactory(owner=user)
+    with (
+        pytest.raises(ServiceUnavailableError) as caught,
+        django_capture_on_commit_callbacks(execute=True),
+    ):
+        job_create(user=user, training_file=file.id)
+    assert caught.value.status == 503
+    assert caught.value.code == "broker_unavailable"
+    assert not FineTuningJob.objects.exists()

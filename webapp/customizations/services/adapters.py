@@ -1,11 +1,59 @@
-"""Adapters (servable carry-ons): activation and deletion with their artifacts."""
+"""Adapters (servable carry-ons): renaming, activation, deletion and the download bundle."""
 
 from __future__ import annotations
 
+import re
+import tempfile
+import zipfile
+from typing import IO
+
 from django.db import transaction
 
-from webapp.core.utils import remove_artifact
+from webapp.core.exceptions import ApplicationError
+from webapp.core.utils import data_path, remove_artifact
 from webapp.customizations.models import Adapter, FeatureSet
+
+# The artifact's files, in the bundle under these names (DESIGN §1 "Artifact").
+BUNDLE_FILES = ("carry_on.safetensors", "carry_on_config.json")
+LABEL_MAX = 100
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def adapter_rename(*, adapter: Adapter, label: str) -> Adapter:
+    """Set the name shown in the browser; the API's model id (``name``) never changes."""
+    label = _CONTROL.sub("", label).strip()
+    if len(label) > LABEL_MAX:
+        raise ApplicationError(f"a name is at most {LABEL_MAX} characters", param="label")
+    if adapter.label != label:
+        adapter.label = label
+        adapter.save(update_fields=["label", "updated_at"])
+    return adapter
+
+
+def adapter_bundle_filename(adapter: Adapter) -> str:
+    """A download name made only of safe characters, from the adapter's names."""
+    stem = _UNSAFE_FILENAME.sub("-", adapter.label or adapter.name).strip("-._")[:80]
+    return f"{stem or 'adapter'}.zip"
+
+
+def adapter_bundle(*, adapter: Adapter) -> IO[bytes]:
+    """A zip of the artifact (weights and config), as a rewound temporary file."""
+    folder = data_path(adapter.path)
+    missing = [name for name in BUNDLE_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ApplicationError(
+            f"the artifact of {adapter.name} is missing from storage ({', '.join(missing)})",
+            code="artifact_missing",
+            status=500,
+            type="server_error",
+        )
+    bundle = tempfile.TemporaryFile()  # noqa: SIM115 (the response closes it)
+    with zipfile.ZipFile(bundle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name in BUNDLE_FILES:
+            archive.write(folder / name, arcname=name)
+    bundle.seek(0)
+    return bundle
 
 
 def adapter_set_active(*, adapter: Adapter, active: bool) -> Adapter:

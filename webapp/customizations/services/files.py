@@ -82,6 +82,7 @@ def validate_dataset(data: bytes, *, base: BaseModel | None) -> dict[str, Any]:
         else:
             lengths = [len(t.input_ids) for t in tokenized]
             report.update(n_tokens=sum(lengths), max_example_tokens=max(lengths))
+            report["n_loss_tokens"] = sum(t.n_targets for t in tokenized)  # the time estimate
     # Line problems in file order, whole-file problems (line 0) after them.
     problems.sort(key=lambda p: (p["line"] == 0, p["line"]))
     if len(problems) > MAX_PROBLEMS_SHOWN:

@@ -11,19 +11,25 @@ and a user cancelling it cannot both win.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import secrets
 import time
 from collections.abc import Mapping
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from customization.config import CarryOnConfig, TrainingConfig, default_taps
 from webapp.accounts.models import User
-from webapp.core.exceptions import ApplicationError, ConflictError
+from webapp.core.exceptions import ApplicationError, ConflictError, ServiceUnavailableError
 from webapp.core.utils import remove_artifact
 from webapp.customizations.models import BaseModel, File, FineTuningJob, JobEvent
 
+logger = logging.getLogger(__name__)
 Status = FineTuningJob.Status
 
 ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
@@ -36,24 +42,33 @@ ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
 }
 CANCELLABLE = (Status.VALIDATING_FILES, Status.QUEUED, Status.RUNNING)
 
+# The web app's defaults are the core's (customization.config), so a job submitted with
+# no options trains exactly the carry-on the quality study picked (docs/carry_on_quality.md).
+_TRAINING = TrainingConfig()
+_SHAPE = CarryOnConfig()
 # The carry-on's peak learning rate at learning_rate_multiplier = 1.
-BASE_LEARNING_RATE = 1e-3
-AUTO_HYPERPARAMETERS = {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 2.0}
+BASE_LEARNING_RATE = _TRAINING.learning_rate
+AUTO_HYPERPARAMETERS = {
+    "n_epochs": _TRAINING.epochs,
+    "batch_size": _TRAINING.batch_size,
+    "learning_rate_multiplier": 1.0,
+}
 HYPERPARAMETER_RANGES: dict[str, tuple[type, float, float]] = {
     "n_epochs": (int, 1, 50),
     "batch_size": (int, 1, 256),
     "learning_rate_multiplier": (float, 1e-3, 10.0),
 }
 CARRY_ON_DEFAULTS: dict[str, Any] = {
-    # the carry-on's shape (customization.config.CarryOnConfig)
-    "d_model": 128,
-    "n_blocks": 2,
-    "n_heads": 4,
-    "mlp_ratio": 4.0,
-    "taps": [-1],
-    "tap_mode": "mix",
-    "alpha": 1.0,
-    "dropout": 0.0,
+    # the carry-on's shape (customization.config.CarryOnConfig); "auto" taps: the default
+    # ladder for the job's base (customization.config.default_taps)
+    "d_model": _SHAPE.d_model,
+    "n_blocks": _SHAPE.n_blocks,
+    "n_heads": _SHAPE.n_heads,
+    "mlp_ratio": _SHAPE.mlp_ratio,
+    "taps": "auto",
+    "tap_mode": _SHAPE.tap_mode,
+    "alpha": _SHAPE.alpha,
+    "dropout": _SHAPE.dropout,
     # feature extraction (part of the feature-cache key)
     "max_length": "auto",
     "storage_dtype": "float16",
@@ -89,7 +104,12 @@ def job_create(
     metadata: Mapping[str, Any] | None = None,
     carry_on: Mapping[str, Any] | None = None,
 ) -> FineTuningJob:
-    """Validate the request, create the job and enqueue file validation once committed."""
+    """Validate the request, create the job and enqueue file validation once committed.
+
+    If the broker does not take the task, the job is withdrawn (deleted) and
+    ``ServiceUnavailableError`` (503) is raised: the caller retries, and no job waits for a
+    message that was never sent.
+    """
     base = _resolve_base(model)
     train = _resolve_file(user, training_file, "training_file")
     valid = _resolve_file(user, validation_file, "validation_file") if validation_file else None
@@ -100,14 +120,23 @@ def job_create(
             training_file=train,
             validation_file=valid,
             hyperparameters=_check_hyperparameters(hyperparameters or {}),
-            carry_on=_check_carry_on(carry_on or {}),
+            carry_on=_check_carry_on(carry_on or {}, base=base),
             suffix=_check_suffix(suffix),
             seed=_check_seed(seed),
             metadata=_check_metadata(metadata),
         )
         job_event_create(job=job, message=f"Validating training file: {train.id}")
-        enqueue_stage(job_id=job.id, stage="validating")
+        transaction.on_commit(lambda: _send_or_withdraw(job.id))
     return job
+
+
+def _send_or_withdraw(job_id: str) -> None:
+    try:
+        send_stage(job_id=job_id, stage="validating")
+    except ServiceUnavailableError:
+        # Still untouched by any worker (none got a message): take the job back.
+        FineTuningJob.objects.filter(pk=job_id, status=Status.VALIDATING_FILES, worker="").delete()
+        raise
 
 
 def _resolve_base(model: str | BaseModel | None) -> BaseModel:
@@ -175,6 +204,8 @@ def _check_hyperparameters(values: Mapping[str, Any]) -> dict[str, Any]:
             continue
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ApplicationError(f"{name} must be 'auto' or a number", param=param)
+        if not math.isfinite(value):
+            raise ApplicationError(f"{name} must be a finite number", param=param)
         if kind is int and value != int(value):
             raise ApplicationError(f"{name} must be an integer", param=param)
         if not low <= value <= high:
@@ -183,8 +214,8 @@ def _check_hyperparameters(values: Mapping[str, Any]) -> dict[str, Any]:
     return checked
 
 
-def _check_carry_on(values: Mapping[str, Any]) -> dict[str, Any]:
-    from customization.config import CarryOnConfig, FeatureConfig
+def _check_carry_on(values: Mapping[str, Any], *, base: BaseModel | None = None) -> dict[str, Any]:
+    from customization.config import FeatureConfig
 
     if not isinstance(values, Mapping):
         raise ApplicationError("carry_on must be an object", param="carry_on")
@@ -194,7 +225,10 @@ def _check_carry_on(values: Mapping[str, Any]) -> dict[str, Any]:
             f"unknown carry_on option {unknown[0]!r}; allowed: {', '.join(CARRY_ON_DEFAULTS)}",
             param=f"carry_on.{unknown[0]}",
         )
+    _check_carry_on_types(values)
     options = {**CARRY_ON_DEFAULTS, **values}
+    if options["taps"] == "auto":
+        options["taps"] = list(resolve_default_taps(base))
     try:
         shape = {key: options[key] for key in _SHAPE_KEYS}
         shape["taps"] = tuple(shape["taps"])
@@ -217,7 +251,65 @@ def _check_carry_on(values: Mapping[str, Any]) -> dict[str, Any]:
             param="carry_on.early_stopping_patience",
         )
     options["taps"] = list(shape["taps"])
+    _check_carry_on_size(options, base)
     return options
+
+
+def resolve_default_taps(base: BaseModel | None) -> tuple[int, ...]:
+    """The default ladder's taps for ``base`` (the bundled base's when its depth is unknown)."""
+    layers = int((base.fingerprint if base else {}).get("num_layers") or 0)
+    return default_taps(layers) if layers else CarryOnConfig().taps
+
+
+_CARRY_ON_TYPES: dict[str, tuple[type, ...]] = {
+    "d_model": (int,),
+    "n_blocks": (int,),
+    "n_heads": (int,),
+    "mlp_ratio": (int, float),
+    "alpha": (int, float),
+    "dropout": (int, float),
+    "tap_mode": (str,),
+    "storage_dtype": (str,),
+}
+
+
+def _check_carry_on_types(values: Mapping[str, Any]) -> None:
+    """JSON types first, so a wrong one is a 400 here rather than a failed job later."""
+    for key, kinds in _CARRY_ON_TYPES.items():
+        value = values.get(key)
+        if key in values and (isinstance(value, bool) or not isinstance(value, kinds)):
+            kind = (
+                "a string" if kinds == (str,) else "an integer" if kinds == (int,) else "a number"
+            )
+            raise ApplicationError(f"{key} must be {kind}", param=f"carry_on.{key}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ApplicationError(f"{key} must be a finite number", param=f"carry_on.{key}")
+    taps = values.get("taps", [])
+    if taps == "auto":
+        return
+    if not isinstance(taps, list | tuple) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and abs(t) <= 4096 for t in taps
+    ):
+        raise ApplicationError(
+            'taps must be "auto" or a list of layer indices', param="carry_on.taps"
+        )
+
+
+def _check_carry_on_size(options: Mapping[str, Any], base: BaseModel | None) -> None:
+    """Refuse a carry-on too large for any worker (it would only run out of memory there)."""
+    d, hidden = (
+        int(options["d_model"]),
+        int((base.fingerprint if base else {}).get("hidden_size", 0)),
+    )
+    blocks = int(options["n_blocks"]) * (4 + 3 * float(options["mlp_ratio"])) * d * d
+    estimate = int(blocks + (len(options["taps"]) + 2) * hidden * d)
+    limit = int(settings.CARRY_ON["MAX_CARRY_ON_PARAMETERS"])
+    if estimate > limit:
+        raise ApplicationError(
+            f"this carry-on would have about {estimate:,} parameters; the limit is {limit:,}",
+            param="carry_on",
+            code="carry_on_too_large",
+        )
 
 
 def _check_suffix(suffix: str | None) -> str:
@@ -353,14 +445,33 @@ STAGE_TASKS = {
 }
 
 
+def send_stage(*, job_id: str, stage: str) -> None:
+    """Send the stage's task now; ServiceUnavailableError (503) when the broker refuses it."""
+    from kombu.exceptions import OperationalError as BrokerError
+
+    from workers import tasks  # torch-free at import; routes pick the queue
+
+    try:
+        getattr(tasks, STAGE_TASKS[stage]).apply_async(args=[job_id])
+    except (BrokerError, OSError) as exc:
+        logger.warning("could not send %s of %s to the broker: %s", stage, job_id, exc)
+        raise ServiceUnavailableError(
+            "The job queue (message broker) is unreachable right now; nothing was created. "
+            "Retry shortly.",
+            code="broker_unavailable",
+        ) from exc
+
+
 def enqueue_stage(*, job_id: str, stage: str) -> None:
-    """Send the stage's task once the current transaction commits (never a phantom job)."""
-    task_name = STAGE_TASKS[stage]
+    """Send the stage's task once the current transaction commits (never a phantom job).
+
+    A send the broker refuses leaves the job waiting with no message: the workers' sweep
+    (pipeline.job_sweep_unclaimed) sends it again after REQUEUE_AFTER.
+    """
 
     def send() -> None:
-        from workers import tasks  # torch-free at import; routes pick the queue
-
-        getattr(tasks, task_name).apply_async(args=[job_id])
+        with contextlib.suppress(ServiceUnavailableError):  # logged; the sweep sends it again
+            send_stage(job_id=job_id, stage=stage)
 
     transaction.on_commit(send)
 

@@ -7,6 +7,7 @@ that finds the claim gone (cancelled, or taken over after a stall) tells the tas
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from datetime import timedelta
@@ -33,6 +34,7 @@ from webapp.customizations.services.jobs import (
     job_transition,
 )
 
+logger = logging.getLogger(__name__)
 Status = FineTuningJob.Status
 Stage = FineTuningJob.Stage
 VALIDATING = "validating"
@@ -147,6 +149,39 @@ def job_sweep_stale() -> list[str]:
             enqueue_stage(job_id=job_id, stage=stage or VALIDATING)
         swept.append(job_id)
     return swept
+
+
+def job_sweep_unclaimed() -> list[str]:
+    """Send again the stage of every job that has waited unclaimed longer than REQUEUE_AFTER.
+
+    Its message may be lost: the broker refused it (the send is logged and skipped), or the
+    process died between the commit and the send. A duplicate is harmless: claims are
+    conditional, so a second delivery finds nothing to do. One sweeper wins per job (the
+    conditional UPDATE of ``updated_at``), and a job is sent again at most once per period.
+    """
+    now = timezone.now()
+    cutoff = now - timedelta(seconds=int(settings.CARRY_ON["REQUEUE_AFTER"]))
+    waiting = FineTuningJob.objects.filter(
+        status__in=[Status.VALIDATING_FILES, Status.QUEUED, Status.RUNNING],
+        worker="",
+        updated_at__lt=cutoff,
+    ).values_list("pk", "status", "stage", "updated_at")
+    sent: list[str] = []
+    for job_id, status, stage, updated_at in list(waiting):
+        if status != Status.VALIDATING_FILES and not stage:
+            continue
+        with transaction.atomic():
+            if not FineTuningJob.objects.filter(
+                pk=job_id, worker="", status=status, updated_at=updated_at
+            ).update(updated_at=now):
+                continue
+            enqueue_stage(
+                job_id=job_id, stage=VALIDATING if status == Status.VALIDATING_FILES else stage
+            )
+        sent.append(job_id)
+    if sent:
+        logger.warning("sent again the tasks of unclaimed jobs: %s", ", ".join(sent))
+    return sent
 
 
 # -- the plan: splits, configs, feature keys ------------------------------------------------------
