@@ -6,6 +6,7 @@ Nothing here imports Django or the web app: the benchmarks measure the framework
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -308,3 +309,33 @@ def machine_markdown(machine: dict[str, Any]) -> str:
         f"{machine['date']}, commit {machine['git_commit']}"
         f"{' (with uncommitted changes)' if machine['git_dirty'] else ''}.\n"
     )
+
+
+def bench_parser(prog: str, doc: str | None, quick_help: str) -> argparse.ArgumentParser:
+    """The options every benchmark script takes: size, base, data, output and threads."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {prog}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--base", help="base model folder (default: the bundled SmolLM2)")
+    parser.add_argument("--gsm8k", help="GSM8K train.jsonl (default: ../shared/data/gsm8k/)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
+    parser.add_argument("--threads", type=int, default=2)
+    return parser
+
+
+def parse_sized(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    *,
+    full: dict[str, Any],
+    quick: dict[str, Any],
+) -> argparse.Namespace:
+    """Parse ``argv``; every size option left unset takes the full or the quick default."""
+    args = parser.parse_args(argv)
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    RESULTS_DIR,
     CpuShare,
+    bench_parser,
     load_problems,
     machine_info,
     median,
+    parse_sized,
     ratio,
     resolve_base,
     set_threads,
@@ -168,26 +169,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.serve_bench",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--quick", action="store_true", help="fewer, shorter requests")
-    parser.add_argument("--base", help="base model folder (default: the bundled SmolLM2)")
-    parser.add_argument("--gsm8k", help="GSM8K train.jsonl (default: ../shared/data/gsm8k/)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = bench_parser("bench.serve_bench", __doc__, "fewer, shorter requests")
     parser.add_argument("--new-tokens", type=int)
     parser.add_argument("--prompts", type=int)
     parser.add_argument("--adapters", type=int)
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--cold-loads", type=int)
-    args = parser.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return parse_sized(parser, argv, full=FULL, quick=QUICK)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -36,7 +36,7 @@ from typing import Any
 
 from bench.common import (
     REPO_ROOT,
-    RESULTS_DIR,
+    bench_parser,
     child_main,
     fmt,
     load_lm_head,
@@ -44,6 +44,7 @@ from bench.common import (
     machine_info,
     md_table,
     median,
+    parse_sized,
     resolve_base,
     run_child,
     write_results,
@@ -341,29 +342,17 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_exact_match(spec: dict[str, Any]) -> dict[str, Any]:
     """Greedy final-answer exact match on the held-out problems, base or base + carry-on."""
-    from customization.base_model import load_base_model
-    from customization.checkpoint import load_carry_on
-    from customization.datasets import load_dataset
-    from customization.evaluation import exact_match
+    from bench.exact_match import exact_match_run
 
-    base = load_base_model(spec["base_dir"])
-    carry_on = None
-    if spec["adapter"]:
-        carry_on = load_carry_on(spec["adapter"], base_fingerprints=[base.fingerprint()])
     problems = load_problems(spec["gsm8k"], spec["train"], spec["heldout"])
-    examples = load_dataset(problems.held_out)
-    started = time.perf_counter()
-    result = exact_match(base, carry_on, examples, max_new_tokens=spec["max_new_tokens"])
-    return {
-        "exact_match": result.accuracy,
-        "n": len(examples),
-        "seconds": time.perf_counter() - started,
-        "max_new_tokens": spec["max_new_tokens"],
-        "samples": [
-            {"prediction": p, "reference": r}
-            for p, r in list(zip(result.predictions, result.references, strict=True))[:3]
-        ],
-    }
+    return exact_match_run(
+        Path(spec["base_dir"]),
+        problems.held_out,
+        kind="carry_on" if spec["adapter"] else "base",
+        adapter=spec["adapter"],
+        n=spec["heldout"],
+        max_new_tokens=spec["max_new_tokens"],
+    )
 
 
 def run_decode(spec: dict[str, Any]) -> dict[str, Any]:
@@ -635,18 +624,12 @@ def _write(out: Path, results: dict[str, Any]) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.sweep_carry_on",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--quick", action="store_true", help="a smoke run on a few problems")
+    parser = bench_parser("bench.sweep_carry_on", __doc__, "a smoke run on a few problems")
     parser.add_argument("--train", type=int, help="training problems (default 512)")
     parser.add_argument("--heldout", type=int, help="held-out problems (default 128)")
     parser.add_argument("--max-length", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", type=lambda s: [v for v in s.split(",") if v], default=[])
     parser.add_argument(
         "--exact-match",
@@ -658,14 +641,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--list", action="store_true", help="print the variants and exit")
     parser.add_argument("--extract-only", action="store_true", help="fill the feature cache")
     parser.add_argument("--decode", help="a trained variant: its decoding speed vs the base")
-    parser.add_argument("--base", help="base model folder (default: the bundled SmolLM2)")
-    parser.add_argument("--gsm8k", help="GSM8K train.jsonl (default: ../shared/data/gsm8k/)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="cache and adapters")
-    args = parser.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = parse_sized(parser, argv, full=FULL, quick=QUICK)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; --list shows them")

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    RESULTS_DIR,
+    bench_parser,
     machine_info,
     median,
+    parse_sized,
     ratio,
     resolve_base,
     run_child,
@@ -33,8 +34,20 @@ from bench.common import (
 from bench.lora import LORA_TARGETS
 from bench.train_report import markdown, plot_curves
 
-FULL = {"train_problems": 512, "held_out_problems": 128, "max_length": 320, "epochs": 3}
-QUICK = {"train_problems": 64, "held_out_problems": 16, "max_length": 256, "epochs": 1}
+FULL = {
+    "train_problems": 512,
+    "held_out_problems": 128,
+    "max_length": 320,
+    "epochs": 3,
+    "exact_match_problems": 128,
+}
+QUICK = {
+    "train_problems": 64,
+    "held_out_problems": 16,
+    "max_length": 256,
+    "epochs": 1,
+    "exact_match_problems": 2,
+}
 CARRY_ONS = {"carry-on": {}, "carry-on-4x256": {"d_model": 256, "n_blocks": 4}}
 CHILD = "bench.train_runs"
 
@@ -52,6 +65,8 @@ def _spec(args: argparse.Namespace, work: Path, base_dir: Path, **extra: Any) ->
         "n_held_out": args.held_out_problems,
         "max_length": args.max_length,
         "epochs": args.epochs,
+        "exact_match_problems": args.exact_match_problems,
+        "max_new_tokens": args.max_new_tokens,
         "batch_size": args.batch_size,
         "seed": args.seed,
         "cache_dir": str(work / "features"),
@@ -104,7 +119,43 @@ def _run_all(args: argparse.Namespace, work: Path, base_dir: Path) -> dict[str, 
         _log(f"{name} training through the base ...")
         spec = _spec(args, work, base_dir, kind="lora", lora=name, out_dir=str(work / name))
         runs[name] = run_child(CHILD, spec, work_dir=work)
-    return {"extraction": extraction, "runs": runs, "cache_hit_job": cache_hit}
+    return {
+        "extraction": extraction,
+        "runs": runs,
+        "cache_hit_job": cache_hit,
+        "exact_match": _exact_match(args, work, base_dir, runs),
+    }
+
+
+def _exact_match(
+    args: argparse.Namespace, work: Path, base_dir: Path, runs: dict[str, Any]
+) -> dict[str, Any]:
+    """The base, the default carry-on and the LoRA run with the lower final held-out loss."""
+    if not args.exact_match_problems:
+        return {}
+    models: dict[str, tuple[str, str | None]] = {
+        "base": ("base", None),
+        "carry-on": ("carry_on", str(work / "carry-on")),
+    }
+    loras = [name for name in runs if name in LORA_TARGETS]
+    if loras:
+        best = min(loras, key=lambda name: runs[name]["epochs"][-1]["valid_loss"])
+        models[best] = ("lora", str(work / best))
+    results = {}
+    for name, (kind, adapter) in models.items():
+        _log(f"exact match: {name} on {args.exact_match_problems} held-out problems ...")
+        spec = _spec(
+            args,
+            work,
+            base_dir,
+            kind="exact_match",
+            model_kind=kind,
+            adapter=adapter,
+            exact_match_problems=args.exact_match_problems,
+            max_new_tokens=args.max_new_tokens,
+        )
+        results[name] = run_child(CHILD, spec, work_dir=work)
+    return results
 
 
 def _analyse(measured: dict[str, Any], epochs: int) -> dict[str, Any]:
@@ -159,7 +210,64 @@ def _analyse(measured: dict[str, Any], epochs: int) -> dict[str, Any]:
             at_most=True,
         ),
     ]
+    targets += _quality_targets(runs, measured["cache_hit_job"], ratios, epochs)
     return {"base_held_out_loss": base_loss, "curves": curves, "ratios": ratios, "targets": targets}
+
+
+def _quality_targets(
+    runs: dict[str, Any], cache_hit: dict[str, Any], ratios: dict[str, Any], epochs: int
+) -> list[dict[str, Any]]:
+    """The carry-on quality issue's lines: loss against both LoRAs, cost against all-linear."""
+    ours, qv, full = runs["carry-on"], runs.get("lora-qv"), runs.get("lora-all")
+
+    def final(run: dict[str, Any] | None) -> float | None:
+        return run["epochs"][-1]["valid_loss"] if run else None
+
+    ratios.update(
+        final_loss_vs_lora_qv=ratio(final(ours), final(qv)),
+        final_loss_vs_lora_all=ratio(final(ours), final(full)),
+        first_job_vs_lora_all_epochs=ratio(
+            ours["first_job_seconds"], full["training_seconds"] if full else None
+        ),
+        carry_on_peak_rss_vs_lora_all=ratio(
+            ours["peak_rss_bytes"], full["peak_rss_bytes"] if full else None
+        ),
+        cache_hit_job_vs_lora_all_epochs=ratio(
+            cache_hit["job_seconds"], full["training_seconds"] if full else None
+        ),
+    )
+    return [
+        target_line(
+            "carry-on held-out loss / LoRA q/v's",
+            ratios["final_loss_vs_lora_qv"],
+            1.0,
+            at_most=True,
+        ),
+        target_line(
+            "carry-on held-out loss / LoRA all-linear's",
+            ratios["final_loss_vs_lora_all"],
+            1.05,
+            at_most=True,
+        ),
+        target_line(
+            f"first job / LoRA all-linear {epochs} epochs",
+            ratios["first_job_vs_lora_all_epochs"],
+            0.35,
+            at_most=True,
+        ),
+        target_line(
+            "carry-on peak RSS / LoRA all-linear peak RSS",
+            ratios["carry_on_peak_rss_vs_lora_all"],
+            0.5,
+            at_most=True,
+        ),
+        target_line(
+            f"cache-hit job / LoRA all-linear {epochs} epochs",
+            ratios["cache_hit_job_vs_lora_all_epochs"],
+            0.15,
+            at_most=True,
+        ),
+    ]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -179,6 +287,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "held_out_problems": args.held_out_problems,
         "max_length": args.max_length,
         "epochs": args.epochs,
+        "exact_match_problems": args.exact_match_problems,
+        "max_new_tokens": args.max_new_tokens,
         "batch_size": args.batch_size,
         "seed": args.seed,
         "carry_on_learning_rate": measured["runs"]["carry-on"]["learning_rate"],
@@ -198,30 +308,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.train_bench",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--quick", action="store_true", help="a few minutes: fewer, shorter")
-    parser.add_argument("--base", help="base model folder (default: the bundled SmolLM2)")
-    parser.add_argument("--gsm8k", help="GSM8K train.jsonl (default: ../shared/data/gsm8k/)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = bench_parser("bench.train_bench", __doc__, "a few minutes: fewer, shorter")
     parser.add_argument("--train-problems", type=int)
     parser.add_argument("--held-out-problems", type=int)
     parser.add_argument("--max-length", type=int)
     parser.add_argument("--epochs", type=int)
+    parser.add_argument(
+        "--exact-match-problems", type=int, help="held-out problems to decode (0: skip)"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="for exact match")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--from-json", type=Path, help="only re-render this result file")
     parser.add_argument("--note", action="append", default=[], help="a line for the report")
     parser.add_argument("--lora", nargs="*", default=list(LORA_TARGETS), choices=list(LORA_TARGETS))
-    args = parser.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return parse_sized(parser, argv, full=FULL, quick=QUICK)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

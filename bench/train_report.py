@@ -71,6 +71,22 @@ def _jobs_table(result: dict[str, Any]) -> str:
     return md_table(["job", "wall-clock (s)"], rows)
 
 
+def _exact_match_table(result: dict[str, Any]) -> str:
+    rows = [
+        [name, f"{em['exact_match']:.3f}", f"{em['hits']} / {em['n']}", fmt(em["seconds"], 0)]
+        for name, em in result.get("exact_match", {}).items()
+    ]
+    if not rows:
+        return ""
+    tokens = result["settings"].get("max_new_tokens")
+    return (
+        "\n## Final-answer exact match\n\n"
+        f"Greedy decoding of at most {tokens} new tokens on the first held-out problems; the "
+        "number after the last '####' (or the last number) must equal the reference's.\n\n"
+        + md_table(["model", "exact match", "problems right", "seconds"], rows)
+    )
+
+
 def markdown(result: dict[str, Any]) -> str:
     settings = result["settings"]
     extraction = result["extraction"]
@@ -116,6 +132,7 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("plot"):
         parts.append(f"![held-out loss against time]({result['plot']})\n\n")
     parts.append(_curves_table(result))
+    parts.append(_exact_match_table(result))
     return "".join(parts)
 
 

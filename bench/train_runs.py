@@ -10,6 +10,8 @@ that run's own. Kinds:
 - ``cache_hit``: a second job on the same data, end to end: validate, tokenize, cache
   lookup (hit), train, save.
 - ``lora``: PEFT LoRA through the whole base on the same examples.
+- ``exact_match``: greedy final-answer exact match on held-out problems for the base, a
+  trained carry-on or a trained LoRA (``bench.exact_match``).
 """
 
 from __future__ import annotations
@@ -210,11 +212,25 @@ def run_lora(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def run_exact_match(spec: dict[str, Any]) -> dict[str, Any]:
+    from bench.exact_match import exact_match_run
+
+    return exact_match_run(
+        Path(spec["base_dir"]),
+        _problems(spec).held_out,
+        kind=spec["model_kind"],
+        adapter=spec.get("adapter"),
+        n=spec["exact_match_problems"],
+        max_new_tokens=spec["max_new_tokens"],
+    )
+
+
 RUNS = {
     "extract": run_extract,
     "carry_on": run_carry_on,
     "cache_hit": run_cache_hit,
     "lora": run_lora,
+    "exact_match": run_exact_match,
 }
 
 

@@ -66,7 +66,7 @@ def test_pipeline_trains_an_adapter_and_records_events_and_checkpoints(
     assert messages[0].startswith("Validating training file")
     assert any(m.startswith("Extracting hidden states") for m in messages)
     assert messages[-1] == "The job has successfully completed"
-    assert job.hyperparameters == {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 2.0}
+    assert job.hyperparameters == {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0}
     assert isinstance(job.carry_on["max_length"], int)
 
 
