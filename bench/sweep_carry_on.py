@@ -50,11 +50,12 @@ from bench.common import (
     write_results,
 )
 
-SUPERSET = (0, 4, 8, 12, 16, 20, 24, 27, -1)
+SUPERSET = (0, *range(2, 29, 2), 27, -1)  # the embeddings, every other layer, 27, the final
 MODULE = "bench.sweep_carry_on"
 DEFAULT_WORK = REPO_ROOT / "data" / "sweep"
 EVERY_LAYER_STEP = (-1, 4, 8, 12, 16, 20, 24, 27)  # the final state in, 7 intermediate rungs
 BOTTOM_UP = (4, 8, 12, 16, 20, 24, 27, -1)  # layer 4 in, the final state at the top
+EVERY_OTHER_LAYER = (-1, *range(2, 29, 2))  # the final state in, 14 rungs
 
 
 def _variant(
@@ -96,6 +97,40 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ladder8-d128k2-lr3e-3": _variant(
         "ladder over 8 states (final in; 4..16 into block 1, 20..27 into block 2)",
         taps=EVERY_LAYER_STEP,
+        tap_mode="ladder",
+        lr=3e-3,
+    ),
+    "ladder8-d128k2-lr1e-2": _variant(
+        "the default at lr 1e-2",
+        taps=EVERY_LAYER_STEP,
+        tap_mode="ladder",
+        lr=1e-2,
+    ),
+    "ladder8-d128k2-lr3e-3-drop0.1": _variant(
+        "the default with dropout 0.1 (held-out, not capacity, is what lags)",
+        taps=EVERY_LAYER_STEP,
+        tap_mode="ladder",
+        lr=3e-3,
+        dropout=0.1,
+    ),
+    "ladder8-d128k2-lr3e-3-wd0.1": _variant(
+        "the default with weight decay 0.1 (from 0.01)",
+        taps=EVERY_LAYER_STEP,
+        tap_mode="ladder",
+        lr=3e-3,
+        weight_decay=0.1,
+    ),
+    "ladder8-d128k2-lr3e-3-e6": _variant(
+        "the default for 6 epochs, early stopping (patience 1)",
+        taps=EVERY_LAYER_STEP,
+        tap_mode="ladder",
+        lr=3e-3,
+        epochs=6,
+        early_stopping_patience=1,
+    ),
+    "ladder15-d128k2-lr3e-3": _variant(
+        "ladder over 15 states: the final in, every other layer 2..28 as rungs",
+        taps=EVERY_OTHER_LAYER,
         tap_mode="ladder",
         lr=3e-3,
     ),
@@ -594,12 +629,11 @@ def markdown(results: dict[str, Any]) -> str:
         "returns). Job seconds = the size's extraction (all states of the superset, an upper "
         "bound) + loading + training + save. Peak RSS is the training process alone (LM head "
         "+ the states the variant reads). Artifact MB: float32 safetensors. Features MB: the "
-        "training states the variant reads (fp16, or int8 + row scales). The cores were "
-        "shared with other engineers' benchmarks and test suites (load average 5 to 12 on 2 "
-        "cores; column CPU used by others): compare times only within a row's own context, "
-        "and losses freely (they do not depend on the load).\n\n",
-        f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores shared with "
-        "other work (see the CPU column), "
+        "training states the variant reads (fp16, or int8 + row scales). Column CPU used by "
+        "others: the share of the machine other processes took during the run; compare "
+        "times only between rows with a similar share, losses freely (they do not depend on "
+        "the load).\n\n",
+        f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
         f"torch {machine.get('torch', '?')}, last run {machine.get('date', '?')}.\n",
     ]
     for key, size in results["sizes"].items():
