@@ -39,7 +39,9 @@ FULL = {
     "held_out_problems": 128,
     "max_length": 320,
     "epochs": 3,
-    "exact_match_problems": 128,
+    # Greedy decoding of 128 problems by three models adds about 45 minutes here; the
+    # quality issue's exact match asks for it with --exact-match-problems 128.
+    "exact_match_problems": 0,
 }
 QUICK = {
     "train_problems": 64,
