@@ -316,11 +316,12 @@ def _to_int8(data: Any) -> None:
 
 def run_train(spec: dict[str, Any]) -> dict[str, Any]:
     """One variant: load the states it reads, train with held-out loss per epoch, save."""
+    from bench.train_runs import train_with_history
     from customization.base_model import BaseFingerprint
     from customization.checkpoint import save_carry_on
     from customization.config import CarryOnConfig, TrainingConfig
     from customization.features import FeatureSet
-    from customization.training import TrainingCallbacks, build_carry_on, train_carry_on
+    from customization.training import build_carry_on
 
     variant = spec["variant"]
     started = time.perf_counter()
@@ -340,17 +341,9 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
         config, tap_sizes=[width] * len(config.taps), hidden_size=width, seed=training.seed
     )
     fingerprint = BaseFingerprint.from_dict(spec["fingerprint"])
-    history: list[dict[str, Any]] = []
     started = time.perf_counter()
-    result = train_carry_on(
-        carry_on,
-        train,
-        head,
-        training,
-        num_layers=num_layers,
-        base_fingerprints=[fingerprint],
-        valid_data=held_out,
-        callbacks=TrainingCallbacks(on_metrics=history.append),
+    result, history = train_with_history(
+        carry_on, train, held_out, head, training, num_layers=num_layers, fingerprint=fingerprint
     )
     training_seconds = time.perf_counter() - started
     started = time.perf_counter()

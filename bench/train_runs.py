@@ -89,15 +89,36 @@ def run_extract(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def train_with_history(
+    carry_on: Any,
+    train: Any,
+    held_out: Any,
+    head: Any,
+    training: TrainingConfig,
+    *,
+    num_layers: int,
+    fingerprint: BaseFingerprint,
+) -> tuple[Any, list[dict[str, Any]]]:
+    """Train on cached features, held-out loss after every epoch; the metrics it reported."""
+    from customization.training import TrainingCallbacks, train_carry_on
+
+    history: list[dict[str, Any]] = []
+    result = train_carry_on(
+        carry_on,
+        train,
+        head,
+        training,
+        num_layers=num_layers,
+        base_fingerprints=[fingerprint],
+        valid_data=held_out,
+        callbacks=TrainingCallbacks(on_metrics=history.append),
+    )
+    return result, history
+
+
 def run_carry_on(spec: dict[str, Any]) -> dict[str, Any]:
     from customization.checkpoint import save_carry_on
-    from customization.training import (
-        FeatureLayout,
-        TrainingCallbacks,
-        build_carry_on,
-        evaluate,
-        train_carry_on,
-    )
+    from customization.training import FeatureLayout, build_carry_on, evaluate
 
     started = time.perf_counter()
     head, num_layers = load_lm_head(Path(spec["base_dir"]))
@@ -113,16 +134,8 @@ def run_carry_on(spec: dict[str, Any]) -> dict[str, Any]:
     training = _training_config(spec)
     layout = FeatureLayout.for_config(held_out, carry_on.config, num_layers)
     base_loss = evaluate(None, held_out, layout, head, batch_size=training.batch_size)["loss"]
-    history: list[dict[str, Any]] = []
-    result = train_carry_on(
-        carry_on,
-        train,
-        head,
-        training,
-        num_layers=num_layers,
-        base_fingerprints=[fingerprint],
-        valid_data=held_out,
-        callbacks=TrainingCallbacks(on_metrics=history.append),
+    result, history = train_with_history(
+        carry_on, train, held_out, head, training, num_layers=num_layers, fingerprint=fingerprint
     )
     started = time.perf_counter()
     info = save_carry_on(result.carry_on, Path(spec["out_dir"]), base_fingerprints=[fingerprint])

@@ -19,7 +19,9 @@ from webapp.customizations.services.files import file_create
 from webapp.customizations.views.common import bound, get_or_404
 
 
-def _upload(request: HttpRequest, template: str, context: Callable[[], dict[str, Any]]) -> Any:
+def _upload(
+    request: HttpRequest, template: str, context: Callable[[], dict[str, Any]]
+) -> HttpResponse:
     """GET: the page; POST: store and validate the upload, then show its report.
 
     The page's script sends the same form with ``Accept: application/json`` (to draw an
@@ -53,7 +55,7 @@ def _wants_json(request: HttpRequest) -> bool:
 @login_required
 @require_http_methods(["GET", "POST"])
 def dashboard(request: HttpRequest) -> HttpResponse:
-    return _upload(  # type: ignore[no-any-return]
+    return _upload(
         request,
         "customizations/dashboard.html",
         lambda: {"dashboard": selectors.dashboard_get(user=request.user)},
@@ -63,7 +65,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
 @login_required
 @require_http_methods(["GET", "POST"])
 def file_list(request: HttpRequest) -> HttpResponse:
-    return _upload(  # type: ignore[no-any-return]
+    return _upload(
         request,
         "customizations/file_list.html",
         lambda: {"files": selectors.file_list(user=request.user)[:200]},
