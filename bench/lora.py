@@ -112,7 +112,30 @@ def train_lora(
     on_epoch: Callable[[dict[str, Any]], None],
 ) -> None:
     """Train the adapter in place; ``on_epoch`` gets wall time and held-out loss per epoch."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    train_adapter(
+        [p for p in model.parameters() if p.requires_grad],
+        train,
+        lambda batch: lora_loss(model, batch, pad_id, config.loss_chunk_tokens),
+        lambda: lora_heldout_loss(model, held_out, pad_id, config),
+        config,
+        on_epoch,
+        modules=[model],
+    )
+
+
+def train_adapter(
+    trainable: Sequence[torch.nn.Parameter],
+    train: Sequence[Any],
+    batch_loss: Callable[[list[Any]], tuple[torch.Tensor, int]],
+    held_out_loss: Callable[[], float],
+    config: TrainingConfig,
+    on_epoch: Callable[[dict[str, Any]], None],
+    *,
+    modules: Sequence[torch.nn.Module],
+) -> None:
+    """The baselines' training loop, the carry-on's recipe: AdamW (betas 0.9/0.95, weight
+    decay on matrices), ``lr_at``'s warmup + cosine, gradient clipping, and the carry-on's
+    epoch order (same seed formula, so every method sees the same batches)."""
     optimizer = torch.optim.AdamW(
         [
             {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": config.weight_decay},
@@ -123,9 +146,9 @@ def train_lora(
     )
     total_steps = math.ceil(len(train) / config.batch_size) * config.epochs
     step = 0
-    model.train()
     for epoch in range(config.epochs):
-        # The carry-on's epoch order: same seed formula, so both see the same batches.
+        for module in modules:
+            module.train()
         generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
         order = torch.randperm(len(train), generator=generator).tolist()
         started = time.perf_counter()
@@ -133,7 +156,7 @@ def train_lora(
             batch = [train[i] for i in order[start : start + config.batch_size]]
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, config)
-            loss, _ = lora_loss(model, batch, pad_id, config.loss_chunk_tokens)
+            loss, _ = batch_loss(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:
@@ -141,13 +164,9 @@ def train_lora(
             optimizer.step()
             step += 1
         seconds = time.perf_counter() - started
-        on_epoch(
-            {
-                "epoch": epoch + 1,
-                "epoch_seconds": seconds,
-                "valid_loss": lora_heldout_loss(model, held_out, pad_id, config),
-            }
-        )
+        for module in modules:
+            module.eval()
+        on_epoch({"epoch": epoch + 1, "epoch_seconds": seconds, "valid_loss": held_out_loss()})
 
 
 def artifact_nbytes(folder: Path) -> int:

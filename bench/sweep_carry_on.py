@@ -128,6 +128,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
         epochs=6,
         early_stopping_patience=1,
     ),
+    "ladder8-d128k2-lr3e-3-e6full": _variant(
+        "the default over a full 6-epoch schedule (no early stopping; keep-best)",
+        taps=EVERY_LAYER_STEP,
+        tap_mode="ladder",
+        lr=3e-3,
+        epochs=6,
+    ),
     "ladder15-d128k2-lr3e-3": _variant(
         "ladder over 15 states: the final in, every other layer 2..28 as rungs",
         taps=EVERY_OTHER_LAYER,
@@ -238,6 +245,38 @@ VARIANTS: dict[str, dict[str, Any]] = {
     ),
 }
 
+
+def _tail_variant(
+    description: str, *, layers: int, lr: float = 2e-3, epochs: int = 3
+) -> dict[str, Any]:
+    """A base-initialised tail (``bench.tail``): the top ``layers`` base layers + LoRA."""
+    return {
+        "kind": "tail",
+        "description": description,
+        "tail_layers": layers,
+        "training": {"learning_rate": lr, "epochs": epochs},
+        "storage": "float16",
+    }
+
+
+# Not carry-ons: how much of LoRA all-linear's lead comes back when the branch re-runs the
+# base's own top layers (LoRA r=8 on every linear; lr 2e-3, LoRA's 2e-4 learned far less).
+VARIANTS.update(
+    {
+        f"tail{k}-lora-lr2e-3": _tail_variant(
+            f"not a carry-on: the base's top {k} layers re-run from state {30 - k} "
+            "(for SmolLM2), LoRA r=8 on every linear",
+            layers=k,
+        )
+        for k in (2, 4, 8)
+    }
+)
+VARIANTS["tail8-lora-lr2e-3-e2"] = _tail_variant(
+    "not a carry-on: the 8-layer tail over a 2-epoch schedule (its cheapest within 5 %?)",
+    layers=8,
+    epochs=2,
+)
+
 FULL = {"train": 512, "heldout": 128, "max_length": 320, "batch_size": 8}
 QUICK = {"train": 16, "heldout": 8, "max_length": 320, "batch_size": 8}
 
@@ -324,6 +363,8 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
     from customization.training import build_carry_on
 
     variant = spec["variant"]
+    if variant.get("kind") == "tail":
+        return run_tail(spec)
     started = time.perf_counter()
     head, num_layers = load_lm_head(Path(spec["base_dir"]))
     config = CarryOnConfig(**{**variant["carry_on"], "taps": tuple(variant["carry_on"]["taps"])})
@@ -365,6 +406,62 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
         "artifact_bytes": info.nbytes,
         "feature_bytes": _feature_bytes(n_tokens, width, len(states), variant["storage"]),
         "n_states": len(states),
+    }
+
+
+def run_tail(spec: dict[str, Any]) -> dict[str, Any]:
+    """A base-initialised tail on the same cached states (``bench.tail``)."""
+    from bench.lora import train_adapter
+    from bench.tail import Tail
+    from customization.config import TrainingConfig
+    from customization.features import FeatureSet
+
+    variant = spec["variant"]
+    started = time.perf_counter()
+    tail = Tail(Path(spec["base_dir"]), variant["tail_layers"], seed=spec["seed"])
+    states = [(0, tail.input_state), (0, tail.depth)]
+    train = FeatureSet.open(spec["train_dir"]).load(states=states)
+    held_out = FeatureSet.open(spec["heldout_dir"]).load(states=states)
+    setup = time.perf_counter() - started
+    training = TrainingConfig(
+        batch_size=spec["batch_size"], seed=spec["seed"], **variant["training"]
+    )
+    chunk = training.loss_chunk_tokens
+    tail.model.eval()
+    init_loss = tail.held_out_loss(held_out, 0, 1, training)
+    history: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    train_adapter(
+        tail.trainable,
+        train.examples,
+        lambda batch: tail.loss(batch, 0, 1, chunk),
+        lambda: tail.held_out_loss(held_out, 0, 1, training),
+        training,
+        history.append,
+        modules=[tail.model],
+    )
+    training_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    saved = tail.save(Path(spec["out_dir"]))
+    best = min(history, key=lambda m: m["valid_loss"])
+    n_tokens = sum(len(e.input_ids) for e in train.examples)
+    width = int(tail.head.shape[1])
+    return {
+        "setup_seconds": setup,
+        "training_seconds": training_seconds,
+        "save_seconds": time.perf_counter() - started,
+        "init_valid_loss": init_loss,
+        "epochs": [
+            {"epoch": m["epoch"], "valid_loss": m["valid_loss"], "seconds": m["epoch_seconds"]}
+            for m in history
+        ],
+        # The keep-best a job would return, as the carry-on runs report it.
+        "best_valid_loss": best["valid_loss"],
+        "best_epoch": best["epoch"],
+        "stopped_early": False,
+        **saved,
+        "feature_bytes": _feature_bytes(n_tokens, width, 1, variant["storage"]),
+        "n_states": 1,
     }
 
 
@@ -625,7 +722,8 @@ def markdown(results: dict[str, Any]) -> str:
         "training states the variant reads (fp16, or int8 + row scales). Column CPU used by "
         "others: the share of the machine other processes took during the run; compare "
         "times only between rows with a similar share, losses freely (they do not depend on "
-        "the load).\n\n",
+        "the load). Rows `tail*` are not carry-ons but the base's own top layers re-run "
+        "with LoRA (`bench/tail.py`); their peak RSS includes loading the base once.\n\n",
         f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
         f"torch {machine.get('torch', '?')}, last run {machine.get('date', '?')}.\n",
     ]
@@ -673,6 +771,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; --list shows them")
+    tails = [
+        v
+        for v in [*args.exact_match, *([args.decode] if args.decode else [])]
+        if VARIANTS.get(v, {}).get("kind") == "tail"
+    ]
+    if tails:
+        parser.error(f"{tails}: tails are a loss study; only carry-ons decode here")
     return args
 
 
