@@ -419,7 +419,7 @@ def run_tail(spec: dict[str, Any]) -> dict[str, Any]:
     variant = spec["variant"]
     started = time.perf_counter()
     tail = Tail(Path(spec["base_dir"]), variant["tail_layers"], seed=spec["seed"])
-    states = [(0, tail.input_state), (0, tail.depth)]
+    states = [(0, tail.input_state)]  # the only state a tail reads
     train = FeatureSet.open(spec["train_dir"]).load(states=states)
     held_out = FeatureSet.open(spec["heldout_dir"]).load(states=states)
     setup = time.perf_counter() - started
@@ -428,14 +428,14 @@ def run_tail(spec: dict[str, Any]) -> dict[str, Any]:
     )
     chunk = training.loss_chunk_tokens
     tail.model.eval()
-    init_loss = tail.held_out_loss(held_out, 0, 1, training)
+    init_loss = tail.held_out_loss(held_out, training)
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
     train_adapter(
         tail.trainable,
         train.examples,
-        lambda batch: tail.loss(batch, 0, 1, chunk),
-        lambda: tail.held_out_loss(held_out, 0, 1, training),
+        lambda batch: tail.loss(batch, chunk),
+        lambda: tail.held_out_loss(held_out, training),
         training,
         history.append,
         modules=[tail.model],

@@ -80,25 +80,27 @@ class Tail:
                 position_embeddings=position_embeddings,
             )
             hidden = out[0] if isinstance(out, tuple) else out
-        return self.decoder.norm(hidden)  # type: ignore[no-any-return]
+        normed: torch.Tensor = self.decoder.norm(hidden)
+        return normed
 
-    def loss(
-        self, examples: Sequence[FeatureExample], state_index: int, final_index: int, chunk: int
-    ) -> tuple[torch.Tensor, int]:
-        batch = make_batch(examples, [state_index], final_index, self.head.device)
+    def loss(self, examples: Sequence[FeatureExample], chunk: int) -> tuple[torch.Tensor, int]:
+        """Mean assistant-token loss of a batch whose only stored state is ``input_state``.
+
+        ``make_batch`` also wants the final state; the tail never reads it, so it is given
+        the same index instead of loading the final state for nothing.
+        """
+        batch = make_batch(examples, [0], 0, self.head.device)
         merged = self.forward(batch.taps[0], batch.positions[:1])
         rows = merged.reshape(-1, merged.shape[-1]).index_select(0, batch.loss_rows)
         loss, _ = head_loss(rows, self.head, batch.labels, chunk=chunk)
         return loss, batch.n_targets
 
     @torch.no_grad()
-    def held_out_loss(
-        self, data: FeatureData, state_index: int, final_index: int, config: TrainingConfig
-    ) -> float:
+    def held_out_loss(self, data: FeatureData, config: TrainingConfig) -> float:
         total, count = 0.0, 0
         for start in range(0, len(data), config.batch_size):
             batch = data.examples[start : start + config.batch_size]
-            loss, n = self.loss(batch, state_index, final_index, config.loss_chunk_tokens)
+            loss, n = self.loss(batch, config.loss_chunk_tokens)
             total += float(loss) * n
             count += n
         return total / max(count, 1)
