@@ -234,21 +234,12 @@ def load_lm_head(base_dir: Path) -> tuple[Any, int]:
     """Only the base's LM head weight (V, D) and its layer count, read from safetensors.
 
     A carry-on training node needs the frozen head and the cached features, not the base
-    (DESIGN §2), so its process never holds the other ~100M parameters.
+    (DESIGN §2); this is the core's own reader (``customization.tail.load_tail_parts``).
     """
-    from safetensors import safe_open
+    from customization.tail import load_tail_parts
 
-    config = json.loads((base_dir / "config.json").read_text("utf-8"))
-    index_file = base_dir / "model.safetensors.index.json"
-    weight_map: dict[str, str] = (
-        json.loads(index_file.read_text("utf-8"))["weight_map"] if index_file.is_file() else {}
-    )
-    for name in ("lm_head.weight", "model.embed_tokens.weight"):  # tied heads: the embedding
-        file = base_dir / weight_map.get(name, "model.safetensors")
-        with safe_open(str(file), framework="pt") as handle:
-            if name in handle.keys():  # noqa: SIM118  (safe_open is not a mapping)
-                return handle.get_tensor(name).float(), int(config["num_hidden_layers"])
-    raise ValueError(f"no LM head weight in {base_dir}")
+    parts = load_tail_parts(base_dir, 1, head_only=True)
+    return parts.head_weight.float(), int(parts.hf_config.num_hidden_layers)
 
 
 # -- result files -------------------------------------------------------------------------------

@@ -9,7 +9,11 @@ that run's own. Kinds:
   held-out loss after each, save the artifact.
 - ``cache_hit``: a second job on the same data, end to end: validate, tokenize, cache
   lookup (hit), train, save.
-- ``lora``: PEFT LoRA through the whole base on the same examples.
+- ``tail``: a tail's training node, through the product's own code path
+  (``load_training_node`` + ``train_adapter``, what the Celery task calls): the top k
+  layers, the norm, the LM head and the one cached state it reads.
+- ``lora``: PEFT LoRA through the whole base on the same examples (``learning_rate`` in
+  the spec overrides the default, for the tuned baseline).
 - ``exact_match``: greedy final-answer exact match on held-out problems for the base, a
   trained carry-on or a trained LoRA (``bench.exact_match``).
 """
@@ -21,9 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import child_main, load_lm_head, load_problems
+from bench.common import child_main, load_problems
 from bench.lora import LORA_LEARNING_RATE, artifact_nbytes, lora_model, train_lora
 from customization.base_model import BaseFingerprint, FrozenBase
+from customization.carry_on import CarryOn
 from customization.config import CarryOnConfig, FeatureConfig, StorageDtype, TrainingConfig
 from customization.datasets import dataset_sha256, load_dataset
 from customization.features import FeatureSet, extract_features, feature_cache_key
@@ -38,9 +43,8 @@ def _features(
     base: FrozenBase, data: bytes, spec: dict[str, Any], dtype: StorageDtype
 ) -> FeatureSet:
     """Validate, tokenize and extract (or find in the cache) the features of ``data``."""
-    config = FeatureConfig(
-        taps=CarryOnConfig().taps, max_length=spec["max_length"], storage_dtype=dtype
-    )
+    taps = tuple(spec.get("taps", CarryOnConfig().taps))  # the states every run reads
+    config = FeatureConfig(taps=taps, max_length=spec["max_length"], storage_dtype=dtype)
     key = feature_cache_key(
         base_keys=[base.fingerprint().key], dataset_sha256=dataset_sha256(data), config=config
     )
@@ -100,10 +104,10 @@ def train_with_history(
     fingerprint: BaseFingerprint,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Train on cached features, held-out loss after every epoch; the metrics it reported."""
-    from customization.training import TrainingCallbacks, train_carry_on
+    from customization.training import TrainingCallbacks, train_adapter
 
     history: list[dict[str, Any]] = []
-    result = train_carry_on(
+    result = train_adapter(
         carry_on,
         train,
         head,
@@ -117,20 +121,19 @@ def train_with_history(
 
 
 def run_carry_on(spec: dict[str, Any]) -> dict[str, Any]:
+    """A carry-on's training node through the product's path (``load_training_node``, as
+    the train task): the LM head read from the base's files, and the cached features."""
     from customization.checkpoint import save_carry_on
-    from customization.training import FeatureLayout, build_carry_on, evaluate
+    from customization.training import FeatureLayout, evaluate, load_training_node
 
     started = time.perf_counter()
-    head, num_layers = load_lm_head(Path(spec["base_dir"]))
-    train = FeatureSet.open(spec["train_dir"]).load()
-    setup = time.perf_counter() - started
     fingerprint = BaseFingerprint.from_dict(spec["fingerprint"])
-    held_out = FeatureSet.open(spec["held_out_dir"]).load()
-    width = int(head.shape[1])
+    num_layers = fingerprint.num_layers
+    train = FeatureSet.open(spec["train_dir"]).load()
     config = CarryOnConfig(**spec["carry_on"])
-    carry_on = build_carry_on(
-        config, tap_sizes=[width] * len(config.taps), hidden_size=width, seed=spec["seed"]
-    )
+    carry_on, head = load_training_node(spec["base_dir"], config, seed=spec["seed"])
+    setup = time.perf_counter() - started
+    held_out = FeatureSet.open(spec["held_out_dir"]).load()
     training = _training_config(spec)
     layout = FeatureLayout.for_config(held_out, carry_on.config, num_layers)
     base_loss = evaluate(None, held_out, layout, head, batch_size=training.batch_size)["loss"]
@@ -138,6 +141,7 @@ def run_carry_on(spec: dict[str, Any]) -> dict[str, Any]:
         carry_on, train, held_out, head, training, num_layers=num_layers, fingerprint=fingerprint
     )
     started = time.perf_counter()
+    assert isinstance(result.carry_on, CarryOn)
     info = save_carry_on(result.carry_on, Path(spec["out_dir"]), base_fingerprints=[fingerprint])
     return {
         "kind": "carry_on",
@@ -163,7 +167,7 @@ def _epoch(metrics: dict[str, Any]) -> dict[str, Any]:
 def run_cache_hit(spec: dict[str, Any]) -> dict[str, Any]:
     from customization.base_model import load_base_model
     from customization.checkpoint import save_carry_on
-    from customization.training import build_carry_on, train_carry_on
+    from customization.training import build_carry_on, train_adapter
 
     started = time.perf_counter()
     base = load_base_model(spec["base_dir"])
@@ -179,7 +183,7 @@ def run_cache_hit(spec: dict[str, Any]) -> dict[str, Any]:
         hidden_size=base.hidden_size,
         seed=spec["seed"],
     )
-    train_carry_on(
+    train_adapter(
         carry_on,
         feature_set.load(),
         base.head_weight,
@@ -206,7 +210,7 @@ def run_lora(spec: dict[str, Any]) -> dict[str, Any]:
     model = lora_model(Path(spec["base_dir"]), spec["lora"], seed=spec["seed"])
     setup = time.perf_counter() - started
     trainable, _ = model.get_nb_trainable_parameters()
-    training = _training_config(spec, learning_rate=LORA_LEARNING_RATE)
+    training = _training_config(spec, learning_rate=spec.get("learning_rate", LORA_LEARNING_RATE))
     history: list[dict[str, Any]] = []
     train_lora(model, train, held_out, tokenizer.pad_token_id, training, history.append)
     started = time.perf_counter()
@@ -222,6 +226,46 @@ def run_lora(spec: dict[str, Any]) -> dict[str, Any]:
         "artifact_bytes": artifact_nbytes(Path(spec["out_dir"])),
         "n_tokens": sum(len(e.input_ids) for e in train),
         "n_target_tokens": sum(e.n_targets for e in train),
+    }
+
+
+def run_tail(spec: dict[str, Any]) -> dict[str, Any]:
+    from customization.checkpoint import save_adapter
+    from customization.config import TailConfig
+    from customization.training import FeatureLayout, evaluate, load_training_node
+
+    started = time.perf_counter()
+    fingerprint = BaseFingerprint.from_dict(spec["fingerprint"])
+    config = TailConfig(**spec["tail"]).resolved(num_layers=fingerprint.num_layers)
+    state = [(0, config.first_layer)]
+    train = FeatureSet.open(spec["train_dir"]).load(state)
+    tail, head = load_training_node(spec["base_dir"], config, seed=spec["seed"])
+    setup = time.perf_counter() - started
+    held_out = FeatureSet.open(spec["held_out_dir"]).load(state)
+    training = _training_config(spec, learning_rate=spec["learning_rate"])
+    layout = FeatureLayout.for_model(held_out, tail, fingerprint.num_layers)
+    init_loss = evaluate(tail, held_out, layout, head, batch_size=training.batch_size)["loss"]
+    result, history = train_with_history(
+        tail,
+        train,
+        held_out,
+        head,
+        training,
+        num_layers=fingerprint.num_layers,
+        fingerprint=fingerprint,
+    )
+    started = time.perf_counter()
+    info = save_adapter(result.carry_on, Path(spec["out_dir"]), base_fingerprints=[fingerprint])
+    return {
+        "kind": "tail",
+        "tail_config": config.to_dict(),
+        "learning_rate": training.learning_rate,
+        "setup_seconds": setup,
+        "save_seconds": time.perf_counter() - started,
+        "init_held_out_loss": init_loss,
+        "epochs": [_epoch(m) for m in history],
+        "trainable_parameters": info.num_parameters,
+        "artifact_bytes": info.nbytes,
     }
 
 
@@ -243,6 +287,7 @@ RUNS = {
     "carry_on": run_carry_on,
     "cache_hit": run_cache_hit,
     "lora": run_lora,
+    "tail": run_tail,
     "exact_match": run_exact_match,
 }
 

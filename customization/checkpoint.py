@@ -1,10 +1,13 @@
-"""Saving and loading carry-on artifacts (never pickled).
+"""Saving and loading adapter artifacts (never pickled): carry-ons and tails.
 
-An artifact is a folder holding ``carry_on.safetensors`` (the weights) and
+A carry-on artifact is a folder holding ``carry_on.safetensors`` (the weights) and
 ``carry_on_config.json`` (format version, the carry-on config, the fingerprint of every base
-it reads). Loading checks the fingerprint against the base at hand and refuses a mismatch
-with ``IncompatibleBaseModelError``; given the expected sha256 it also refuses a corrupted
-or swapped artifact with ``ArtifactError``.
+it reads). A tail artifact is a standard PEFT LoRA folder, ``adapter_config.json`` (with
+``layers_to_transform``) and ``adapter_model.safetensors``, that ``PeftModel.from_pretrained``
+loads as it is, plus our own ``carry_on_tail.json`` beside it (format version, the tail
+config, the base fingerprint). Loading checks the fingerprint against the base at hand and
+refuses a mismatch with ``IncompatibleBaseModelError``; given the expected sha256 it also
+refuses a corrupted or swapped artifact with ``ArtifactError``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,11 +29,17 @@ from safetensors.torch import load_file, save_file
 
 from customization.base_model import BaseFingerprint
 from customization.carry_on import CarryOn
-from customization.config import CarryOnConfig
+from customization.config import CarryOnConfig, TailConfig
+from customization.durable import replace_durably
 from customization.errors import ArtifactError
+from customization.tail import TailAdapter, TailModel
 
 WEIGHTS_FILE = "carry_on.safetensors"
 CONFIG_FILE = "carry_on_config.json"
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+TAIL_FILE = "carry_on_tail.json"
+TAIL_FILES = (PEFT_WEIGHTS_FILE, PEFT_CONFIG_FILE, TAIL_FILE)
 ARTIFACT_FORMAT_VERSION = 1
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -44,11 +53,15 @@ class ArtifactInfo:
     num_parameters: int
 
 
+def is_tail_artifact(path: str | Path) -> bool:
+    return (Path(path) / TAIL_FILE).is_file()
+
+
 def artifact_sha256(path: str | Path) -> str:
-    """sha256 over the weights and the config file: any change to either changes it."""
+    """sha256 over the weights and the config files: any change to either changes it."""
     folder = Path(path)
     digest = hashlib.sha256()
-    for name in (WEIGHTS_FILE, CONFIG_FILE):
+    for name in TAIL_FILES if is_tail_artifact(folder) else (WEIGHTS_FILE, CONFIG_FILE):
         file = folder / name
         if not file.is_file():
             raise ArtifactError(f"carry-on artifact {folder} has no {name}")
@@ -68,17 +81,10 @@ def save_carry_on(
     metadata: dict[str, Any] | None = None,
 ) -> ArtifactInfo:
     """Write the artifact atomically: a temp sibling folder renamed into place."""
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        tensors = {
-            name: value.detach().to("cpu", _DTYPES[dtype]).contiguous()
-            for name, value in carry_on.state_dict().items()
-        }
-        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+    tensors = _stored(carry_on.state_dict(), dtype)
+
+    def write(folder: Path) -> None:
+        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
         document = {
             "format_version": ARTIFACT_FORMAT_VERSION,
             "carry_on": carry_on.config.to_dict(),
@@ -88,7 +94,88 @@ def save_carry_on(
             "created_at": datetime.now(UTC).isoformat(),
             "metadata": metadata or {},
         }
-        (staging / CONFIG_FILE).write_text(json.dumps(document, indent=2), "utf-8")
+        (folder / CONFIG_FILE).write_text(json.dumps(document, indent=2), "utf-8")
+
+    return _write_artifact(Path(path), write, carry_on.num_parameters())
+
+
+def save_tail(
+    tail: TailModel,
+    path: str | Path,
+    *,
+    base_fingerprints: Sequence[BaseFingerprint],
+    dtype: str = "float32",
+    metadata: dict[str, Any] | None = None,
+) -> ArtifactInfo:
+    """Write a tail as a standard PEFT LoRA folder plus our metadata, atomically."""
+    tensors = _stored(tail.lora_state_dict(), dtype)
+    config = tail.config
+    (fingerprint,) = base_fingerprints  # a tail extends exactly one base
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": fingerprint.name,
+        "revision": fingerprint.revision or None,
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": list(config.target_modules),
+        "layers_to_transform": list(config.layers),
+        "layers_pattern": "layers",
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+
+    def write(folder: Path) -> None:
+        save_file(tensors, str(folder / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+        (folder / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2), "utf-8")
+        document = {
+            "format_version": ARTIFACT_FORMAT_VERSION,
+            "kind": "tail",
+            "tail": config.to_dict(),
+            "bases": [fingerprint.to_dict()],
+            "dtype": dtype,
+            "num_parameters": tail.num_parameters(),
+            "created_at": datetime.now(UTC).isoformat(),
+            "metadata": metadata or {},
+        }
+        (folder / TAIL_FILE).write_text(json.dumps(document, indent=2), "utf-8")
+
+    return _write_artifact(Path(path), write, tail.num_parameters())
+
+
+def save_adapter(
+    model: CarryOn | TailModel,
+    path: str | Path,
+    *,
+    base_fingerprints: Sequence[BaseFingerprint],
+    metadata: dict[str, Any] | None = None,
+) -> ArtifactInfo:
+    """Save either kind in its own format."""
+    if isinstance(model, TailModel):
+        return save_tail(model, path, base_fingerprints=base_fingerprints, metadata=metadata)
+    return save_carry_on(model, path, base_fingerprints=base_fingerprints, metadata=metadata)
+
+
+def _stored(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return {k: v.detach().to("cpu", _DTYPES[dtype]).contiguous() for k, v in state.items()}
+
+
+def _write_artifact(
+    target: Path, write: Callable[[Path], None], num_parameters: int
+) -> ArtifactInfo:
+    """Run ``write`` into a temp sibling folder, then rename it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(staging)
         _replace_dir(staging, target)
     finally:
         if staging.exists():
@@ -97,32 +184,37 @@ def save_carry_on(
         path=target,
         sha256=artifact_sha256(target),
         nbytes=sum(f.stat().st_size for f in target.iterdir() if f.is_file()),
-        num_parameters=carry_on.num_parameters(),
+        num_parameters=num_parameters,
     )
 
 
 def _replace_dir(staging: Path, target: Path) -> None:
-    """Move ``staging`` to ``target``; an existing target is swapped out, then removed."""
+    """Move ``staging`` to ``target`` durably; an existing target is swapped out, then removed."""
     if not target.exists():
-        os.replace(staging, target)
+        replace_durably(staging, target)
         return
     retired = target.with_name(f".{target.name}.old-{os.getpid()}")
     os.replace(target, retired)
-    os.replace(staging, target)
+    replace_durably(staging, target)
     shutil.rmtree(retired, ignore_errors=True)
 
 
 def read_artifact_config(path: str | Path) -> dict[str, Any]:
-    config_file = Path(path) / CONFIG_FILE
+    return _read_document(Path(path), CONFIG_FILE, "carry-on")
+
+
+def _read_document(folder: Path, name: str, kind: str) -> dict[str, Any]:
+    """An artifact's JSON metadata, checked for a format version this code can read."""
+    file = folder / name
     try:
-        document: dict[str, Any] = json.loads(config_file.read_text("utf-8"))
+        document: dict[str, Any] = json.loads(file.read_text("utf-8"))
     except FileNotFoundError:
-        raise ArtifactError(f"carry-on artifact {Path(path)} has no {CONFIG_FILE}") from None
+        raise ArtifactError(f"{kind} artifact {folder} has no {name}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{config_file} is not valid JSON: {exc}") from exc
+        raise ArtifactError(f"{file} is not valid JSON: {exc}") from exc
     version = document.get("format_version")
     if not isinstance(version, int) or version > ARTIFACT_FORMAT_VERSION:
-        raise ArtifactError(f"{config_file} has unsupported format_version {version!r}")
+        raise ArtifactError(f"{file} has unsupported format_version {version!r}")
     return document
 
 
@@ -169,3 +261,81 @@ def load_carry_on(
     carry_on.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, assign=True)
     carry_on.materialize_buffers(device)
     return carry_on.eval()
+
+
+# -- tails ------------------------------------------------------------------------------------
+
+
+def read_tail_artifact(path: str | Path) -> dict[str, Any]:
+    """Our metadata of a tail artifact (``carry_on_tail.json``)."""
+    return _read_document(Path(path), TAIL_FILE, "tail")
+
+
+def _checked_tail(
+    folder: Path,
+    base_fingerprints: Sequence[BaseFingerprint] | None,
+    expected_sha256: str | None,
+    device: str | torch.device,
+) -> tuple[TailConfig, dict[str, torch.Tensor]]:
+    if expected_sha256 is not None and artifact_sha256(folder) != expected_sha256:
+        raise ArtifactError(
+            f"tail artifact {folder.name} does not match its recorded sha256 "
+            "(corrupted or replaced on disk); refusing to load it"
+        )
+    document = read_tail_artifact(folder)
+    stored = [BaseFingerprint.from_dict(fp) for fp in document.get("bases", [])]
+    if base_fingerprints is not None:
+        if len(stored) != 1 or len(base_fingerprints) != 1:
+            raise ArtifactError("a tail extends exactly one base")
+        base_fingerprints[0].check_compatible(stored[0], what="this tail")
+    config = TailConfig.from_dict(document["tail"])
+    try:
+        tensors = load_file(str(folder / PEFT_WEIGHTS_FILE), device=str(torch.device(device)))
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"tail weights in {folder} are unreadable: {exc}") from exc
+    return config, tensors
+
+
+def load_tail_adapter(
+    path: str | Path,
+    *,
+    base_fingerprints: Sequence[BaseFingerprint] | None = None,
+    expected_sha256: str | None = None,
+    device: str | torch.device = "cpu",
+) -> TailAdapter:
+    """A tail's LoRA matrices for the serving engine, checked like a carry-on."""
+    folder = Path(path)
+    config, tensors = _checked_tail(folder, base_fingerprints, expected_sha256, device)
+    try:
+        return TailAdapter.from_peft_tensors(config, tensors)
+    except ValueError as exc:
+        raise ArtifactError(f"tail weights in {folder} do not match its config: {exc}") from exc
+
+
+def load_tail_weights(tail: TailModel, path: str | Path) -> None:
+    """Put a saved tail's LoRA weights into ``tail`` (resuming from a checkpoint)."""
+    folder = Path(path)
+    config, tensors = _checked_tail(folder, None, None, tail.device)
+    if config.layers != tail.config.layers or config.rank != tail.config.rank:
+        raise ArtifactError(f"the tail in {folder} has another shape than the one training")
+    try:
+        tail.load_lora_state_dict(tensors)
+    except ValueError as exc:
+        raise ArtifactError(f"tail weights in {folder} do not fit: {exc}") from exc
+
+
+def load_adapter(
+    path: str | Path,
+    *,
+    base_fingerprints: Sequence[BaseFingerprint] | None = None,
+    expected_sha256: str | None = None,
+    device: str | torch.device = "cpu",
+) -> CarryOn | TailAdapter:
+    """Load either kind of artifact for serving (the folder says which)."""
+    load = load_tail_adapter if is_tail_artifact(path) else load_carry_on
+    return load(
+        path,
+        base_fingerprints=base_fingerprints,
+        expected_sha256=expected_sha256,
+        device=device,
+    )

@@ -5,7 +5,8 @@ python -m customization demo-data out.jsonl -n 500
 python -m customization train data.jsonl --out runs/my-carry-on
 python -m customization chat --adapter runs/my-carry-on "What is 12*7?"
 python -m customization eval data.jsonl --adapter runs/my-carry-on
-python -m customization demo                      # the headless end-to-end demo
+python -m customization demo                      # the headless demo (--task booking)
+python -m customization demo --task arithmetic     # another demo task
 """
 
 from __future__ import annotations
@@ -56,9 +57,12 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def _carry_on_config(args: argparse.Namespace, num_layers: int) -> Any:
-    """The carry-on asked for; without --taps, the default ladder for this base's depth."""
-    from customization.config import CarryOnConfig, default_taps
+    """The adapter asked for: a tail with --tail-depth, else a carry-on; without --taps,
+    the carry-on's default ladder for this base's depth."""
+    from customization.config import CarryOnConfig, TailConfig, default_taps
 
+    if args.tail_depth:
+        return TailConfig(depth=min(args.tail_depth, num_layers), rank=args.rank)
     return CarryOnConfig(
         d_model=args.d_model,
         n_blocks=args.blocks,
@@ -100,9 +104,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _load_adapter(args: argparse.Namespace, base: Any) -> Any:
     if not args.adapter:
         return None
-    from customization.checkpoint import load_carry_on
+    from customization.checkpoint import load_adapter
 
-    return load_carry_on(args.adapter, base_fingerprints=[base.fingerprint()], device=args.device)
+    return load_adapter(args.adapter, base_fingerprints=[base.fingerprint()], device=args.device)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -128,6 +132,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from customization.carry_on import CarryOn
     from customization.datasets import load_dataset
     from customization.evaluation import exact_match, features_in_memory, heldout_metrics
     from customization.tokenizer import tokenize_examples
@@ -137,7 +142,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     carry_on = _load_adapter(args, base)
     examples = load_dataset(Path(args.data).read_bytes())[: args.limit]
     tokenized = tokenize_examples(examples, base.tokenizer, max_length=args.max_length)
-    taps = carry_on.config.taps if carry_on is not None else (-1,)
+    taps = carry_on.config.taps if isinstance(carry_on, CarryOn) else (-1,)
     data = features_in_memory(base, tokenized, taps)
     report: dict[str, Any] = heldout_metrics(base, carry_on, data)
     if args.exact_match:
@@ -156,14 +161,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(
         models_dir=_models_dir(args),
         work_dir=Path(args.work_dir),
+        task=args.task,
         n_problems=args.n,
+        n_held_out=args.held_out,
         epochs=args.epochs,
         device=args.device,
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from customization.config import CarryOnConfig, FeatureConfig, TrainingConfig
+    from customization.config import CarryOnConfig, FeatureConfig, TailConfig, TrainingConfig
 
     parser = argparse.ArgumentParser(
         prog="python -m customization", description=__doc__.split("\n")[0]
@@ -203,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--taps", type=int, nargs="+", default=None, help="default: spread over the base's depth"
     )
     train.add_argument("--tap-mode", choices=["mix", "ladder"], default=shape.tap_mode)
+    train.add_argument(
+        "--tail-depth",
+        type=int,
+        default=0,
+        help="train a tail over the base's top K layers instead of a carry-on (K >= L: all)",
+    )
+    train.add_argument("--rank", type=int, default=TailConfig().rank, help="the tail's LoRA rank")
     train.add_argument("--max-length", type=int, default=features.max_length)
     train.add_argument(
         "--storage-dtype", choices=["float32", "float16", "int8"], default=features.storage_dtype
@@ -212,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", parents=[common], help="chat with the base or a carry-on")
     chat.add_argument("prompt", nargs="?", help="one prompt (default: one per stdin line)")
-    chat.add_argument("--adapter", help="carry-on artifact folder")
+    chat.add_argument("--adapter", help="adapter artifact folder (a carry-on or a tail)")
     chat.add_argument("--temperature", type=float, default=0.0)
     chat.add_argument("--top-p", type=float, default=1.0)
     chat.add_argument("--max-tokens", type=int, default=256)
@@ -228,10 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-tokens", type=int, default=256)
     evaluate.set_defaults(func=cmd_eval)
 
+    from customization.demo_tasks import DEFAULT_TASK, TASKS
+
     demo = sub.add_parser("demo", parents=[common], help="the headless end-to-end demo")
+    demo.add_argument("--task", choices=list(TASKS), default=DEFAULT_TASK)
     demo.add_argument("--work-dir", default=str(DEFAULT_DATA_DIR / "demo"))
-    demo.add_argument("-n", type=int, default=500)
-    demo.add_argument("--epochs", type=int, default=3)
+    demo.add_argument("-n", type=int, default=None, help="training problems (default: the task's)")
+    demo.add_argument("--held-out", type=int, default=50, help="held-out problems to evaluate")
+    demo.add_argument("--epochs", type=int, default=None, help="default: the task's")
     demo.set_defaults(func=cmd_demo)
     return parser
 

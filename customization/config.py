@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Self, TypeVar
 
 FORMAT_VERSION = 1
+# The longest stop string a request may give (OpenAI allows 4 of them): releasing text checks
+# each one against the tail of the output at every step.
+MAX_STOP_CHARS = 1000
 
 TapMode = Literal["ladder", "mix"]
 StorageDtype = Literal["float32", "float16", "int8"]
@@ -161,6 +164,78 @@ class CarryOnConfig(_Config):
         return dataclasses.replace(self, tap_sizes=tap_sizes, hidden_size=hidden_size)
 
 
+ALL_LINEAR: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+# The tail's peak learning rate (bench/results/sweep.md: LoRA on the top layers learned best
+# at 2e-3); a carry-on keeps TrainingConfig's 3e-3.
+TAIL_LEARNING_RATE = 2e-3
+
+
+@dataclass(frozen=True)
+class TailConfig(_Config):
+    """The shape of one tail (DESIGN §1b): LoRA on the base's top ``depth`` decoder layers.
+
+    The tail reads the cached state ``hidden_states[num_layers - depth]`` and re-runs the
+    base's own top ``depth`` layers with a LoRA delta ``B·A·(alpha / rank)`` on each of
+    ``target_modules``, then the final norm and the frozen LM head. ``depth = num_layers``
+    is LoRA on every layer. ``num_layers`` is the base's depth, filled when it is built.
+    """
+
+    depth: int = 8
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = ALL_LINEAR
+    dropout: float = 0.0
+    num_layers: int = 0
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        _check_range("depth", self.depth, 1, 1024)
+        _check_range("rank", self.rank, 1, 256)
+        _check_range("alpha", self.alpha, 1e-3, 4096.0)
+        _check_range("dropout", self.dropout, 0.0, 0.9)
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one linear layer")
+        unknown = sorted(set(self.target_modules) - set(ALL_LINEAR))
+        if unknown:
+            raise ValueError(
+                f"target_modules: unknown module {unknown[0]!r}; known: {', '.join(ALL_LINEAR)}"
+            )
+        if len(set(self.target_modules)) != len(self.target_modules):
+            raise ValueError("target_modules must not repeat")
+        if self.num_layers and self.depth > self.num_layers:
+            raise ValueError(
+                f"depth must be in [1, {self.num_layers}] for a {self.num_layers}-layer base, "
+                f"got {self.depth}"
+            )
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def first_layer(self) -> int:
+        """The index of the first tail layer, which is also the cached state it reads."""
+        if not self.num_layers:
+            raise ValueError("the tail config is not resolved: num_layers is unknown")
+        return self.num_layers - self.depth
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The base layers the tail re-runs (PEFT's ``layers_to_transform``)."""
+        return tuple(range(self.first_layer, self.num_layers))
+
+    def resolved(self, *, num_layers: int) -> TailConfig:
+        return dataclasses.replace(self, num_layers=num_layers)
+
+
 @dataclass(frozen=True)
 class FeatureConfig(_Config):
     """How hidden states are extracted and stored (part of the feature-cache key)."""
@@ -170,6 +245,9 @@ class FeatureConfig(_Config):
     storage_dtype: StorageDtype = "float16"
     batch_size: int = 8
     shard_examples: int = 256
+    # A carry-on merges into the base's final state; a tail recomputes it, so a tail's
+    # features skip it (one state instead of two).
+    include_final: bool = True
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -245,6 +323,11 @@ class GenerationConfig(_Config):
             raise ValueError(f"stop takes at most 4 strings, got {len(self.stop)}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            longest = max(len(s) for s in self.stop)
+            raise ValueError(
+                f"a stop string may be at most {MAX_STOP_CHARS} characters, got {longest}"
+            )
 
     @property
     def greedy(self) -> bool:

@@ -1,9 +1,10 @@
 """Evaluation: held-out loss, token accuracy and final-answer exact match.
 
 Loss and accuracy are computed on assistant tokens only, exactly as training measures them,
-for the base alone (``carry_on=None``) or base + carry-on. Exact match decodes greedily,
-many problems per batch through the shared-base ``BatchDecoder``, and compares the number
-after ``####`` (else the last number) with the reference's.
+for the base alone (``carry_on=None``), base + carry-on or base + tail (a tail is scored
+through the serving path: the base's forward with its rows' LoRA deltas). Exact match
+decodes greedily, many problems per batch through the shared-base ``BatchDecoder``, and
+compares the number after ``####`` (else the last number) with the reference's.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import torch
 
 from customization.answers import answers_match, extract_final_answer
 from customization.base_model import FrozenBase
-from customization.carry_on import CarryOn
 from customization.config import GenerationConfig
 from customization.datasets import Example
 from customization.features import FeatureData, FeatureExample, StoredState, batch_hidden_states
-from customization.generation import BatchDecoder
+from customization.generation import BatchDecoder, ServedAdapter
+from customization.tail import TailAdapter
 from customization.tokenizer import TokenizedExample
-from customization.training import FeatureLayout, evaluate
+from customization.training import FeatureLayout, evaluate, head_loss
 
 
 def features_in_memory(
@@ -48,15 +49,45 @@ def features_in_memory(
 
 def heldout_metrics(
     base: FrozenBase,
-    carry_on: CarryOn | None,
+    carry_on: ServedAdapter | None,
     data: FeatureData,
     *,
     batch_size: int = 8,
 ) -> dict[str, float]:
     """Held-out assistant-token loss and token accuracy."""
+    if isinstance(carry_on, TailAdapter):
+        return _tail_heldout_metrics(base, carry_on, data, batch_size)
     taps = carry_on.config.taps if carry_on is not None else (-1,)
     layout = FeatureLayout.for_taps(data, taps, base.num_layers)
     return evaluate(carry_on, data, layout, base.head_weight, batch_size=batch_size)
+
+
+@torch.inference_mode()
+def _tail_heldout_metrics(
+    base: FrozenBase, tail: TailAdapter, data: FeatureData, batch_size: int
+) -> dict[str, float]:
+    """A tail's held-out metrics from the token ids alone, through the serving path."""
+    decoder = BatchDecoder(base)
+    loss_sum, correct, count = 0.0, 0, 0
+    for start in range(0, len(data), batch_size):
+        examples = data.examples[start : start + batch_size]
+        width = max(len(e.input_ids) for e in examples)
+        ids = torch.full((len(examples), width), base.tokenizer.pad_token_id, dtype=torch.long)
+        rows, labels = [], []
+        for row, example in enumerate(examples):
+            ids[row, : len(example.input_ids)] = example.input_ids
+            predicts = torch.nonzero(example.target_mask[1:]).squeeze(-1)
+            rows.append(predicts + row * width)
+            labels.append(example.input_ids[predicts + 1])
+        sequences = [decoder.new_sequence([1], GenerationConfig(), tail) for _ in examples]
+        final = decoder._backbone(sequences, input_ids=ids.to(base.device)).last_hidden_state
+        flat = final.reshape(-1, final.shape[-1]).index_select(0, torch.cat(rows).to(base.device))
+        target = torch.cat(labels).to(base.device)
+        loss, hits = head_loss(flat, base.head_weight, target)
+        loss_sum += float(loss) * len(target)
+        correct += hits
+        count += len(target)
+    return {"loss": loss_sum / max(count, 1), "token_accuracy": correct / max(count, 1)}
 
 
 @dataclass
@@ -68,7 +99,7 @@ class ExactMatchResult:
 
 def exact_match(
     base: FrozenBase,
-    carry_on: CarryOn | None,
+    carry_on: ServedAdapter | None,
     examples: Sequence[Example],
     *,
     max_new_tokens: int = 256,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from customization.base_model import FrozenBase
 from customization.config import FeatureConfig
+from customization.durable import replace_durably
 from customization.errors import ArtifactError, IncompatibleBaseModelError, TrainingCancelled
 from customization.tokenizer import TokenizedExample
 
@@ -63,18 +63,22 @@ def feature_cache_key(
         "dtype": config.storage_dtype,
         "version": FEATURES_FORMAT_VERSION,
     }
+    if not config.include_final:  # only then, so the keys of earlier caches stay the same
+        payload["final"] = False
     if any(tap_bases):
         payload["tap_bases"] = list(tap_bases)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:40]
 
 
 def stored_states(
-    taps: Sequence[int], tap_bases: Sequence[int], num_layers: int
+    taps: Sequence[int], tap_bases: Sequence[int], num_layers: int, *, include_final: bool = True
 ) -> list[tuple[int, int]]:
     """The (base index, hidden-state index) pairs to store, taps already resolved: every
-    tap plus the primary base's final state, which the merge needs; duplicates once."""
+    tap plus (``include_final``) the primary base's final state, which a carry-on's merge
+    needs and a tail does not; duplicates once."""
     wanted = list(zip(tap_bases, taps, strict=True))
-    wanted.append((0, num_layers))
+    if include_final:
+        wanted.append((0, num_layers))
     return list(dict.fromkeys(wanted))
 
 
@@ -252,7 +256,9 @@ def extract_features(
     _check_shared_tokenizer(base_list)
     resolved_bases = tuple(tap_bases) or tuple(0 for _ in config.taps)
     taps = [base_list[b].resolve_tap(t) for b, t in zip(resolved_bases, config.taps, strict=True)]
-    states = stored_states(taps, resolved_bases, base_list[0].num_layers)
+    states = stored_states(
+        taps, resolved_bases, base_list[0].num_layers, include_final=config.include_final
+    )
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
     try:
@@ -263,7 +269,7 @@ def extract_features(
             return FeatureSet.open(target)
         if target.exists():
             shutil.rmtree(target)
-        os.replace(staging, target)
+        replace_durably(staging, target)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -19,12 +19,16 @@ from typing import Any, Literal
 
 import torch
 
+from customization import batched_lora
 from customization.base_model import FrozenBase
 from customization.carry_on import CarryOn, CarryOnCache
 from customization.config import GenerationConfig
 from customization.errors import ContextLengthError, CustomizationError
+from customization.tail import TailAdapter, TailModel
 
 FinishReason = Literal["stop", "length"]
+# What a request may run on top of the base: a carry-on, a tail, or nothing.
+ServedAdapter = CarryOn | TailAdapter
 
 
 @dataclass
@@ -36,6 +40,8 @@ class DecodeCounters:
     decode_rows: int = 0  # sequence-steps served by those decode steps
     carry_on_forwards: int = 0
     prefill_tokens: int = 0
+    tail_delta_products: int = 0  # batched per-row LoRA products (one per layer and module)
+    tail_rows: int = 0  # rows on a tail, summed over base forwards
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -49,6 +55,7 @@ class DecodeSequence:
     config: GenerationConfig
     carry_on: CarryOn | None
     stop_token_ids: tuple[int, ...]
+    tail: TailAdapter | None = None
     generated: list[int] = field(default_factory=list)
     carry_on_cache: CarryOnCache | None = None
     generator: torch.Generator | None = None
@@ -150,14 +157,36 @@ def sample_token(logits: torch.Tensor, sequence: DecodeSequence) -> int:
     return int(torch.multinomial(probs.cpu(), 1, generator=sequence.generator))
 
 
+def _stop_prefix_at_end(text: str, stop: str) -> int:
+    """Length of the longest proper prefix of ``stop`` that ``text`` ends with.
+
+    Only the last ``len(stop) - 1`` characters can take part, and a match must begin with
+    ``stop[0]``: the scan jumps between those with ``str.find`` and stops at the first
+    (longest) match, so a step costs about ``len(stop)`` character operations, never the
+    ``len(stop) ** 2`` of trying every prefix length.
+    """
+    tail = text[max(0, len(text) - len(stop) + 1) :] if len(stop) > 1 else ""
+    start = tail.find(stop[0])
+    while start >= 0:
+        if stop.startswith(tail[start:]):
+            return len(tail) - start
+        start = tail.find(stop[0], start + 1)
+    return 0
+
+
 class _TextReleaser:
     """Incremental detokenization that never releases a (partial) stop string."""
 
     @staticmethod
     def update(base: FrozenBase, sequence: DecodeSequence) -> str:
         text = base.tokenizer.decode(sequence.generated)
+        stops = sequence.config.stop
+        # Released text holds back any suffix that could grow into a stop string, so a new
+        # occurrence starts in the unreleased part: search from there, not from the start.
+        longest = max((len(s) for s in stops), default=0)
+        origin = max(0, len(sequence.text) - longest)
         stop_at = min(
-            (index for s in sequence.config.stop if (index := text.find(s)) >= 0),
+            (index for s in stops if (index := text.find(s, origin)) >= 0),
             default=-1,
         )
         if stop_at >= 0:
@@ -167,15 +196,7 @@ class _TextReleaser:
             # Hold back an incomplete UTF-8 character and any suffix that could still
             # grow into a stop string.
             text = text.rstrip("\ufffd")
-            hold = max(
-                (
-                    size
-                    for s in sequence.config.stop
-                    for size in range(1, len(s))
-                    if text.endswith(s[:size])
-                ),
-                default=0,
-            )
+            hold = max((_stop_prefix_at_end(text, s) for s in stops), default=0)
             text = text[: len(text) - hold]
         if not text.startswith(sequence.text):
             # Rare: detokenization changed an earlier character; release nothing new.
@@ -197,6 +218,8 @@ class BatchDecoder:
         self._cache_class = DynamicCache
         self._cache: Any = None
         self._attention: torch.Tensor | None = None  # (B, L) 1 = real slot, 0 = left pad
+        # Set once the base serves a tail: its linears then add per-row LoRA deltas.
+        self._tails: batched_lora.RowTails | None = getattr(base.model, "_carry_on_row_tails", None)
 
     @property
     def active(self) -> int:
@@ -206,11 +229,15 @@ class BatchDecoder:
         self,
         prompt_ids: Sequence[int],
         config: GenerationConfig,
-        carry_on: CarryOn | None = None,
+        adapter: ServedAdapter | None = None,
         *,
         tag: Any = None,
     ) -> DecodeSequence:
         """Validate a request against the context window; does not start it."""
+        carry_on = adapter if isinstance(adapter, CarryOn) else None
+        tail = adapter if isinstance(adapter, TailAdapter) else None
+        if tail is not None:
+            self._check_tail(tail)
         context = self.base.max_position_embeddings
         if not prompt_ids:
             raise ContextLengthError("the prompt is empty", param="messages")
@@ -238,11 +265,37 @@ class BatchDecoder:
             prompt_ids=list(prompt_ids),
             config=config,
             carry_on=carry_on,
+            tail=tail,
             stop_token_ids=self.base.tokenizer.stop_token_ids,
             generator=generator,
             max_new_tokens=min(config.max_new_tokens, context - len(prompt_ids)),
             tag=tag,
         )
+
+    def _check_tail(self, tail: TailAdapter) -> None:
+        if tail.config.num_layers != self.base.num_layers:
+            raise CustomizationError(
+                f"this tail was made for a {tail.config.num_layers}-layer base; "
+                f"{self.base.name} has {self.base.num_layers}",
+                param="model",
+                code="model_not_servable",
+            )
+        if self._tails is None:  # the first tail this base serves: wrap its linears once
+            self._tails = batched_lora.install(self.base.model)
+
+    def _backbone(self, rows: Sequence[DecodeSequence], **inputs: Any) -> Any:
+        """One base forward; rows on tails get their LoRA deltas inside it."""
+        tails = self._tails
+        if tails is None or not any(s.tail is not None for s in rows):
+            return self.base.backbone(**inputs)
+        before = (tails.counters.delta_products, tails.counters.tail_rows)
+        tails.use([s.tail for s in rows])
+        try:
+            return self.base.backbone(**inputs)
+        finally:
+            tails.clear()
+            self.counters.tail_delta_products += tails.counters.delta_products - before[0]
+            self.counters.tail_rows += tails.counters.tail_rows - before[1]
 
     @torch.inference_mode()
     def add(self, sequence: DecodeSequence) -> StepOutput:
@@ -251,7 +304,8 @@ class BatchDecoder:
         ids = torch.tensor([sequence.prompt_ids], device=device)
         positions = torch.arange(len(sequence.prompt_ids), device=device).unsqueeze(0)
         cache = self._cache_class()
-        outputs = self.base.backbone(
+        outputs = self._backbone(
+            [sequence],
             input_ids=ids,
             position_ids=positions,
             past_key_values=cache,
@@ -280,7 +334,8 @@ class BatchDecoder:
         positions = torch.tensor([[s.position] for s in rows], device=device)  # (B, 1)
         ones = torch.ones((len(rows), 1), dtype=self._attention.dtype, device=device)
         self._attention = torch.cat([self._attention, ones], dim=1)  # (B, L + 1)
-        outputs = self.base.backbone(
+        outputs = self._backbone(
+            rows,
             input_ids=ids,
             attention_mask=self._attention,
             position_ids=positions,
@@ -403,11 +458,11 @@ def stream(
     base: FrozenBase,
     prompt_ids: Sequence[int],
     config: GenerationConfig,
-    carry_on: CarryOn | None = None,
+    adapter: ServedAdapter | None = None,
 ) -> Iterator[StepOutput]:
     """Yield one ``StepOutput`` per generated token (the last one has finish_reason set)."""
     decoder = BatchDecoder(base)
-    sequence = decoder.new_sequence(prompt_ids, config, carry_on)
+    sequence = decoder.new_sequence(prompt_ids, config, adapter)
     yield decoder.add(sequence)
     while not sequence.finished:
         yield from decoder.step()
@@ -417,9 +472,9 @@ def generate(
     base: FrozenBase,
     prompt_ids: Sequence[int],
     config: GenerationConfig,
-    carry_on: CarryOn | None = None,
+    adapter: ServedAdapter | None = None,
 ) -> GenerationResult:
-    outputs = list(stream(base, prompt_ids, config, carry_on))
+    outputs = list(stream(base, prompt_ids, config, adapter))
     sequence = outputs[-1].sequence
     assert sequence.finish_reason is not None
     return GenerationResult(
@@ -432,7 +487,7 @@ def generate(
 
 def generate_batch(
     base: FrozenBase,
-    requests: Sequence[tuple[Sequence[int], GenerationConfig, CarryOn | None]],
+    requests: Sequence[tuple[Sequence[int], GenerationConfig, ServedAdapter | None]],
 ) -> tuple[list[GenerationResult], DecodeCounters]:
     """Decode several requests together (one shared base forward per step)."""
     decoder = BatchDecoder(base)
@@ -449,10 +504,36 @@ def generate_batch(
 
 
 @torch.inference_mode()
+def prompt_logits(
+    base: FrozenBase, prompt_ids: Sequence[int], adapter: ServedAdapter | None = None
+) -> torch.Tensor:
+    """Logits (T, V) at every prompt position through the serving path (a prefill)."""
+    decoder = BatchDecoder(base)
+    sequence = decoder.new_sequence(prompt_ids, GenerationConfig(max_new_tokens=1), adapter)
+    ids = torch.tensor([sequence.prompt_ids], device=base.device)
+    positions = torch.arange(ids.shape[1], device=base.device).unsqueeze(0)
+    hidden = decoder._backbone(
+        [sequence], input_ids=ids, position_ids=positions, output_hidden_states=True
+    ).hidden_states
+    final = hidden[-1]
+    if sequence.carry_on is not None:
+        taps = [hidden[base.resolve_tap(t)] for t in sequence.carry_on.config.taps]
+        final = sequence.carry_on(taps, final, positions)
+    return base.logits(final[0]).float()
+
+
+@torch.inference_mode()
 def greedy_reference(
-    base: FrozenBase, prompt_ids: Sequence[int], max_new_tokens: int, carry_on: CarryOn | None
+    base: FrozenBase,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    carry_on: CarryOn | TailModel | None,
 ) -> list[int]:
-    """Greedy decoding recomputed from scratch at every step, no caches (for tests)."""
+    """Greedy decoding recomputed from scratch at every step, no caches (for tests).
+
+    A tail is given as the training-side ``TailModel``, so this also checks that the
+    engine's per-row LoRA computes what training computed.
+    """
     ids = list(prompt_ids)
     generated: list[int] = []
     stops = base.tokenizer.stop_token_ids
@@ -460,7 +541,10 @@ def greedy_reference(
         batch = torch.tensor([ids], device=base.device)
         hidden = base.backbone(input_ids=batch, output_hidden_states=True).hidden_states
         final = hidden[-1]
-        if carry_on is not None:
+        if isinstance(carry_on, TailModel):
+            positions = torch.arange(len(ids), device=base.device).unsqueeze(0)
+            final = carry_on(hidden[carry_on.config.first_layer], positions)
+        elif carry_on is not None:
             taps = [hidden[base.resolve_tap(t)] for t in carry_on.config.taps]
             final = carry_on(taps, final)
         token = int(base.logits(final[0, -1]).argmax())

@@ -46,19 +46,25 @@ def train_pipeline(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Validate -> tokenize -> extract (cached) -> train -> save. Returns a summary."""
-    from customization.checkpoint import save_carry_on
-    from customization.config import FeatureConfig
+    from customization.checkpoint import save_adapter
+    from customization.config import FeatureConfig, TailConfig
     from customization.datasets import dataset_sha256, load_dataset, split_examples
     from customization.features import extract_features, feature_cache_key
     from customization.tokenizer import tokenize_examples
-    from customization.training import TrainingCallbacks, build_carry_on, train_carry_on
+    from customization.training import TrainingCallbacks, build_adapter, train_adapter
 
     examples = load_dataset(data)
     train_examples, valid_examples = split_examples(
         examples, valid_fraction=valid_fraction, seed=training_config.seed
     )
+    is_tail = isinstance(carry_on_config, TailConfig)
+    if is_tail:
+        carry_on_config = carry_on_config.resolved(num_layers=base.num_layers)
     feature_config = FeatureConfig(
-        taps=carry_on_config.taps, max_length=max_length, storage_dtype=storage_dtype
+        taps=(carry_on_config.first_layer,) if is_tail else carry_on_config.taps,
+        max_length=max_length,
+        storage_dtype=storage_dtype,
+        include_final=not is_tail,
     )
     sets = {}
     started = time.perf_counter()
@@ -82,12 +88,7 @@ def train_pipeline(
         if bar is not None:
             bar.close()
     extraction_seconds = time.perf_counter() - started
-    carry_on = build_carry_on(
-        carry_on_config,
-        tap_sizes=[base.hidden_size] * len(carry_on_config.taps),
-        hidden_size=base.hidden_size,
-        seed=training_config.seed,
-    )
+    carry_on = build_adapter(base, carry_on_config, seed=training_config.seed)
     train_data = sets["train"].load()
     valid_data = sets["valid"].load() if "valid" in sets else None
     bar = None if quiet else progress_bar(0, "train", "step")
@@ -106,7 +107,7 @@ def train_pipeline(
             print(json.dumps(shown), file=sys.stderr)
 
     started = time.perf_counter()
-    result = train_carry_on(
+    result = train_adapter(
         carry_on,
         train_data,
         base.head_weight,
@@ -119,7 +120,7 @@ def train_pipeline(
     )
     if bar is not None:
         bar.close()
-    info = save_carry_on(result.carry_on, out / "adapter", base_fingerprints=[base.fingerprint()])
+    info = save_adapter(result.carry_on, out / "adapter", base_fingerprints=[base.fingerprint()])
     return {
         "adapter": str(info.path),
         "sha256": info.sha256,

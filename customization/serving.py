@@ -28,10 +28,10 @@ from pathlib import Path
 
 from customization.base_model import FrozenBase
 from customization.carry_on import CarryOn
-from customization.checkpoint import load_carry_on
+from customization.checkpoint import load_adapter
 from customization.config import GenerationConfig
 from customization.errors import CustomizationError, EngineOverloaded
-from customization.generation import BatchDecoder, DecodeCounters, DecodeSequence
+from customization.generation import BatchDecoder, DecodeCounters, DecodeSequence, ServedAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ BaseLoader = Callable[[str], FrozenBase]
 
 @dataclass(frozen=True)
 class AdapterRef:
-    """Where a carry-on artifact is and what it must hash to."""
+    """Where an adapter artifact (a carry-on or a tail) is and what it must hash to."""
 
     adapter_id: str
     path: Path
@@ -48,11 +48,11 @@ class AdapterRef:
 
 
 class AdapterCache:
-    """An LRU of loaded carry-ons bounded by their parameter bytes."""
+    """An LRU of loaded adapters (carry-ons and tails) bounded by their parameter bytes."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple[str, str], tuple[CarryOn, int]] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str], tuple[ServedAdapter, int]] = OrderedDict()
         self._lock = threading.Lock()
         self.loads = 0
         self.hits = 0
@@ -64,7 +64,7 @@ class AdapterCache:
     def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, ref: AdapterRef, base: FrozenBase) -> CarryOn:
+    def get(self, ref: AdapterRef, base: FrozenBase) -> ServedAdapter:
         key = (ref.adapter_id, ref.sha256)
         with self._lock:
             if key in self._items:
@@ -72,22 +72,25 @@ class AdapterCache:
                 self.hits += 1
                 return self._items[key][0]
         # Load outside the lock: another request may load the same one; the last wins.
-        carry_on = load_carry_on(
+        loaded = load_adapter(
             ref.path,
             base_fingerprints=[base.fingerprint()],
             expected_sha256=ref.sha256,
             device=base.device,
         )
-        size = sum(p.numel() * p.element_size() for p in carry_on.parameters())
+        if isinstance(loaded, CarryOn):
+            size = sum(p.numel() * p.element_size() for p in loaded.parameters())
+        else:
+            size = loaded.nbytes()
         with self._lock:
             self.loads += 1
             # A new sha256 for the same adapter id replaces the old entry.
             for stale in [k for k in self._items if k[0] == ref.adapter_id and k != key]:
                 del self._items[stale]
-            self._items[key] = (carry_on, size)
+            self._items[key] = (loaded, size)
             while self._items and self.nbytes > self.max_bytes and len(self._items) > 1:
                 self._items.popitem(last=False)
-        return carry_on
+        return loaded
 
     def evict(self, adapter_id: str) -> None:
         with self._lock:
@@ -167,7 +170,10 @@ class _BaseWorker:
 
     @property
     def pending(self) -> int:
-        return self.decoder.active + self.waiting.qsize()
+        # A sequence being prefilled has left the queue but is not in the batch yet; it
+        # already has its owner entry, so count owners too (or admission would let more in
+        # while a long prompt prefills).
+        return max(self.decoder.active, len(self._owners)) + self.waiting.qsize()
 
     def submit(self, sequence: DecodeSequence, completion: Completion, index: int) -> None:
         self.waiting.put((sequence, completion, index))
@@ -283,7 +289,7 @@ class ServingEngine:
     ) -> Completion:
         """Queue a request (n choices); raises EngineOverloaded when the queue is full."""
         worker = self._worker(base_name)
-        carry_on = self.adapters.get(adapter, worker.base) if adapter is not None else None
+        served = self.adapters.get(adapter, worker.base) if adapter is not None else None
         completion = Completion(prompt_tokens=len(prompt_ids), n=n)
         sequences = []
         for index in range(n):
@@ -291,7 +297,7 @@ class ServingEngine:
             if n > 1 and config.seed is not None:
                 # Distinct but reproducible choices.
                 choice_config = dataclasses.replace(config, seed=config.seed + index)
-            sequences.append(worker.decoder.new_sequence(prompt_ids, choice_config, carry_on))
+            sequences.append(worker.decoder.new_sequence(prompt_ids, choice_config, served))
         with self._admission:
             if self.pending() + n > self.max_pending:
                 raise EngineOverloaded(

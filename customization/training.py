@@ -1,6 +1,7 @@
-"""Training a carry-on on cached features.
+"""Training an adapter, a carry-on or a tail, on cached features.
 
-Reads only cached hidden states and the frozen LM head: no base forward happens here. The
+Reads only cached hidden states and the frozen LM head (plus, for a tail, the base's top k
+layers): no forward of the base below the adapter happens here. The
 cost floor is the LM head (V × D per target token, forward plus the gradient to its input),
 so the head runs only at target positions, in chunks, through a fused loss that computes
 the gradient in the same pass (two matrix products per chunk, memory flat in V).
@@ -8,9 +9,10 @@ the gradient in the same pass (two matrix products per chunk, memory flat in V).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -19,16 +21,34 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from customization.base_model import BaseFingerprint
+from customization.base_model import BaseFingerprint, FrozenBase
 from customization.carry_on import CarryOn
-from customization.checkpoint import ArtifactInfo, save_carry_on
-from customization.config import CarryOnConfig, TrainingConfig
-from customization.errors import ArtifactError, TrainingCancelled
+from customization.checkpoint import (
+    WEIGHTS_FILE,
+    ArtifactInfo,
+    artifact_sha256,
+    load_tail_weights,
+    save_adapter,
+)
+from customization.config import CarryOnConfig, TailConfig, TrainingConfig
+from customization.durable import replace_durably
+from customization.errors import ArtifactError, TrainingCancelled, TrainingDivergedError
 from customization.features import FeatureData, FeatureExample
+from customization.tail import (
+    TailModel,
+    build_tail,
+    load_tail,
+    load_tail_parts,
+    tail_parts_from_model,
+)
 
+logger = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state"
+# What the trainer trains: a carry-on, or a tail (the base's top layers with LoRA).
+Trainable = CarryOn | TailModel
 
 
 # -- the loss -------------------------------------------------------------------------------
@@ -104,7 +124,7 @@ class _NoGradContext:
 @dataclass
 class Batch:
     taps: list[torch.Tensor]  # each (B, T, D_i)
-    final_state: torch.Tensor  # (B, T, D)
+    final_state: torch.Tensor | None  # (B, T, D); None when the adapter never reads it
     positions: torch.Tensor  # (B, T)
     loss_rows: torch.Tensor  # (N,) flat indices into B*T of positions that predict a target
     labels: torch.Tensor  # (N,)
@@ -117,7 +137,7 @@ class Batch:
 def make_batch(
     examples: Sequence[FeatureExample],
     tap_indices: Sequence[int],
-    final_index: int,
+    final_index: int | None,
     device: torch.device,
 ) -> Batch:
     """Right-pad a batch; position t predicts token t+1 where that token is a target."""
@@ -139,7 +159,7 @@ def make_batch(
     positions = torch.arange(width, device=device).unsqueeze(0).expand(len(examples), -1)
     return Batch(
         taps=[padded(i) for i in tap_indices],
-        final_state=padded(final_index),
+        final_state=None if final_index is None else padded(final_index),
         positions=positions,
         loss_rows=torch.cat(loss_rows).to(device),
         labels=torch.cat(labels).to(device),
@@ -147,23 +167,28 @@ def make_batch(
 
 
 def batch_loss(
-    carry_on: CarryOn | None, batch: Batch, head_weight: torch.Tensor, chunk: int
+    model: Trainable | None, batch: Batch, head_weight: torch.Tensor, chunk: int
 ) -> tuple[torch.Tensor, int]:
-    """Loss of base + carry-on on a batch; ``carry_on=None`` scores the base alone."""
-    if carry_on is None:
+    """Loss of the customized base on a batch; ``model=None`` scores the base alone."""
+    if isinstance(model, TailModel):
+        merged = model(batch.taps[0], batch.positions)  # (B, T, D)
+    elif model is None:
+        assert batch.final_state is not None
         merged = batch.final_state
     else:
-        merged = carry_on(batch.taps, batch.final_state, batch.positions)  # (B, T, D)
+        assert batch.final_state is not None
+        merged = model(batch.taps, batch.final_state, batch.positions)  # (B, T, D)
     rows = merged.reshape(-1, merged.shape[-1]).index_select(0, batch.loss_rows)  # (N, D)
     return head_loss(rows, head_weight, batch.labels, chunk=chunk)
 
 
 @dataclass
 class FeatureLayout:
-    """Where a carry-on's taps and the final state sit in a feature set."""
+    """Where an adapter's inputs sit in a feature set: a carry-on's taps and the final
+    state, or a tail's one input state (and no final state)."""
 
     tap_indices: list[int]
-    final_index: int
+    final_index: int | None
 
     @classmethod
     def for_taps(
@@ -195,6 +220,24 @@ class FeatureLayout:
     ) -> FeatureLayout:
         return cls.for_taps(data, config.taps, num_layers, config.resolved_tap_bases)
 
+    @classmethod
+    def for_tail(cls, data: FeatureData, config: TailConfig) -> FeatureLayout:
+        try:
+            return cls([data.states.index((0, config.first_layer))], None)
+        except ValueError:
+            raise ArtifactError(
+                f"the cached features hold no hidden state {config.first_layer}; "
+                f"extract features for a depth-{config.depth} tail"
+            ) from None
+
+    @classmethod
+    def for_model(
+        cls, data: FeatureData, model: Trainable, num_layers: int | Sequence[int]
+    ) -> FeatureLayout:
+        if isinstance(model, TailModel):
+            return cls.for_tail(data, model.config)
+        return cls.for_config(data, model.config, num_layers)
+
 
 def iterate_batches(
     data: FeatureData, order: Sequence[int], batch_size: int
@@ -205,7 +248,7 @@ def iterate_batches(
 
 @torch.no_grad()
 def evaluate(
-    carry_on: CarryOn | None,
+    carry_on: Trainable | None,
     data: FeatureData,
     layout: FeatureLayout,
     head_weight: torch.Tensor,
@@ -244,7 +287,7 @@ class TrainingCallbacks:
 
 @dataclass
 class TrainingResult:
-    carry_on: CarryOn
+    carry_on: Trainable  # the trained adapter, whichever kind
     steps: int
     trained_tokens: int
     best_epoch: int
@@ -263,10 +306,29 @@ def lr_at(step: int, total: int, config: TrainingConfig) -> float:
     return config.learning_rate * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
 
 
-def _optimizer(carry_on: CarryOn, config: TrainingConfig) -> torch.optim.AdamW:
+def trainable_parameters(model: Trainable) -> list[torch.nn.Parameter]:
+    """A carry-on trains every parameter; a tail only its LoRA matrices."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def trainable_weights(model: Trainable) -> dict[str, torch.Tensor]:
+    """The weights an artifact stores, under its own names."""
+    if isinstance(model, TailModel):
+        return model.lora_state_dict()
+    return model.state_dict()
+
+
+def load_trainable_weights(model: Trainable, weights: dict[str, torch.Tensor]) -> None:
+    if isinstance(model, TailModel):
+        model.load_lora_state_dict(weights)
+    else:
+        model.load_state_dict(weights)
+
+
+def _optimizer(model: Trainable, config: TrainingConfig) -> torch.optim.AdamW:
     # No weight decay on norms, biases and the tap mix: it would pull them towards zero.
-    decay = [p for p in carry_on.parameters() if p.dim() >= 2]
-    no_decay = [p for p in carry_on.parameters() if p.dim() < 2]
+    decay = [p for p in trainable_parameters(model) if p.dim() >= 2]
+    no_decay = [p for p in trainable_parameters(model) if p.dim() < 2]
     return torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": config.weight_decay},
@@ -294,8 +356,8 @@ class _State:
     best_weights: dict[str, torch.Tensor] | None = None
 
 
-def train_carry_on(
-    carry_on: CarryOn,
+def train_adapter(
+    carry_on: Trainable,
     train_data: FeatureData,
     head_weight: torch.Tensor,
     config: TrainingConfig,
@@ -307,7 +369,8 @@ def train_carry_on(
     resume: bool = True,
     callbacks: TrainingCallbacks | None = None,
 ) -> TrainingResult:
-    """Train ``carry_on`` in place; returns it holding the best weights seen.
+    """Train ``carry_on`` (a carry-on or a tail) in place; returns it holding the best
+    weights seen. ``head_weight`` is the base's frozen LM head.
 
     With ``checkpoint_dir`` set, a checkpoint is written every ``checkpoint_every`` steps
     and at each epoch end, and (``resume=True``) the run continues from the newest one.
@@ -315,7 +378,7 @@ def train_carry_on(
     hooks = callbacks or TrainingCallbacks()
     device = head_weight.device
     head_weight = head_weight.detach()
-    layout = FeatureLayout.for_config(train_data, carry_on.config, num_layers)
+    layout = FeatureLayout.for_model(train_data, carry_on, num_layers)
     steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     optimizer = _optimizer(carry_on, config)
@@ -345,10 +408,15 @@ def train_carry_on(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(state.step, total_steps, config)
             loss, _ = batch_loss(carry_on, batch, head_weight, config.loss_chunk_tokens)
+            if not math.isfinite(loss.item()):  # before the step: the weights stay finite
+                raise TrainingDivergedError(
+                    f"the training loss became {loss.item()} at step {state.step + 1}; "
+                    "lower the learning rate multiplier or check the data"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(carry_on.parameters(), config.grad_clip)
+                torch.nn.utils.clip_grad_norm_(trainable_parameters(carry_on), config.grad_clip)
             optimizer.step()
             state.step += 1
             state.batch_in_epoch = index + 1
@@ -413,7 +481,7 @@ def train_carry_on(
             break
     # 6. Keep the best weights seen on the validation set.
     if state.best_weights is not None:
-        carry_on.load_state_dict(state.best_weights)
+        load_trainable_weights(carry_on, state.best_weights)
     carry_on.eval()
     return TrainingResult(
         carry_on=carry_on,
@@ -427,14 +495,15 @@ def train_carry_on(
 
 
 def _track_best(
-    state: _State, carry_on: CarryOn, valid_loss: float, config: TrainingConfig
+    state: _State, carry_on: Trainable, valid_loss: float, config: TrainingConfig
 ) -> bool:
     """Record a new best; return True when early stopping should end the run."""
     if state.best_valid_loss is None or valid_loss < state.best_valid_loss:
         state.best_valid_loss = valid_loss
         state.best_epoch = state.epoch + 1
         state.epochs_without_improvement = 0
-        state.best_weights = {k: v.detach().clone() for k, v in carry_on.state_dict().items()}
+        weights = trainable_weights(carry_on)
+        state.best_weights = {k: v.detach().clone() for k, v in weights.items()}
         return False
     state.epochs_without_improvement += 1
     patience = config.early_stopping_patience
@@ -450,7 +519,7 @@ def checkpoint_path(checkpoint_dir: Path, step: int) -> Path:
 
 def _save_checkpoint(
     folder: Path,
-    carry_on: CarryOn,
+    carry_on: Trainable,
     optimizer: torch.optim.Optimizer,
     state: _State,
     base_fingerprints: Sequence[BaseFingerprint],
@@ -458,9 +527,9 @@ def _save_checkpoint(
 ) -> None:
     """A checkpoint is a servable artifact plus the trainer state to resume from it."""
     target = checkpoint_path(folder, state.step)
-    info = save_carry_on(carry_on, target, base_fingerprints=base_fingerprints)
+    info = save_adapter(carry_on, target, base_fingerprints=base_fingerprints)
     tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
-    for index, param in enumerate(carry_on.parameters()):
+    for index, param in enumerate(trainable_parameters(carry_on)):
         for key, value in optimizer.state.get(param, {}).items():
             if isinstance(value, torch.Tensor):
                 tensors[f"optim.{index}.{key}"] = value.detach().to("cpu").contiguous()
@@ -480,34 +549,72 @@ def _save_checkpoint(
     }
     staging = target / f".{TRAINER_STATE}.tmp"
     save_file(tensors, str(staging))
-    os.replace(staging, target / f"{TRAINER_STATE}.safetensors")
+    replace_durably(staging, target / f"{TRAINER_STATE}.safetensors")
+    # Checksums of both halves, so a damaged checkpoint is found (and skipped) on resume.
+    checksums = {
+        "artifact_sha256": info.sha256,
+        "state_sha256": _sha256(target / f"{TRAINER_STATE}.safetensors"),
+    }
     json_staging = target / f".{TRAINER_STATE}.json.tmp"
-    json_staging.write_text(json.dumps(scalars), "utf-8")
+    json_staging.write_text(json.dumps({**scalars, **checksums}), "utf-8")
     # The JSON is written last: its presence marks a complete, resumable checkpoint.
-    os.replace(json_staging, target / f"{TRAINER_STATE}.json")
+    replace_durably(json_staging, target / f"{TRAINER_STATE}.json")
     if hooks.on_checkpoint is not None:
         hooks.on_checkpoint(state.step, info, state.history[-1] if state.history else {})
 
 
-def _restore_latest(
-    folder: Path, carry_on: CarryOn, optimizer: torch.optim.Optimizer
-) -> _State | None:
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete and intact checkpoint under ``folder``, or None.
+
+    A checkpoint a crash left half-written is removed; so is one whose files no longer
+    match the checksums written with it (damaged storage): resuming falls back to the
+    one before it instead of failing the job, or resuming from garbage.
+    """
     if not folder.is_dir():
         return None
-    complete = sorted(
-        path for path in folder.glob("step-*") if (path / f"{TRAINER_STATE}.json").is_file()
-    )
-    for partial in folder.glob("step-*"):
-        if partial not in complete:
-            shutil.rmtree(partial, ignore_errors=True)  # a crash mid-write left it
-    if not complete:
+    for path in sorted(folder.glob("step-*"), reverse=True):
+        if _intact(path):
+            return path
+        logger.warning("skipping the incomplete or damaged checkpoint %s", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
+def _intact(path: Path) -> bool:
+    try:
+        scalars = json.loads((path / f"{TRAINER_STATE}.json").read_text("utf-8"))
+        if "state_sha256" not in scalars:  # written before checksums: trust a readable one
+            load_file(str(path / f"{TRAINER_STATE}.safetensors"))
+            return True
+        return bool(
+            scalars["state_sha256"] == _sha256(path / f"{TRAINER_STATE}.safetensors")
+            and scalars["artifact_sha256"] == artifact_sha256(path)
+        )
+    except (OSError, ValueError, KeyError, ArtifactError, SafetensorError):
+        return False
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _restore_latest(
+    folder: Path, carry_on: Trainable, optimizer: torch.optim.Optimizer
+) -> _State | None:
+    latest = latest_checkpoint(folder)
+    if latest is None:
         return None
-    latest = complete[-1]
-    weights = load_file(str(latest / "carry_on.safetensors"))
-    carry_on.load_state_dict(weights)
+    if isinstance(carry_on, TailModel):
+        load_tail_weights(carry_on, latest)
+    else:
+        carry_on.load_state_dict(load_file(str(latest / WEIGHTS_FILE)))
     tensors = load_file(str(latest / f"{TRAINER_STATE}.safetensors"))
     scalars = json.loads((latest / f"{TRAINER_STATE}.json").read_text("utf-8"))
-    params = list(carry_on.parameters())
+    params = trainable_parameters(carry_on)
     for index, param in enumerate(params):
         entries = {
             key.split(".", 2)[2]: value
@@ -543,3 +650,45 @@ def build_carry_on(
     """A freshly initialised carry-on, deterministic for ``seed``."""
     torch.manual_seed(seed)
     return CarryOn(config.resolved(tap_sizes=tuple(tap_sizes), hidden_size=hidden_size))
+
+
+def build_adapter(base: FrozenBase, config: CarryOnConfig | TailConfig, *, seed: int) -> Trainable:
+    """A fresh adapter of either kind for a base loaded in this process (CLI, demo, bench).
+
+    A training node that must not hold the whole base builds a tail with
+    ``customization.tail.load_tail`` instead, from the base's files.
+    """
+    if isinstance(config, TailConfig):
+        parts = tail_parts_from_model(base.model, config.depth)
+        return build_tail(config, parts, seed=seed).to(base.device)
+    return build_carry_on(
+        config,
+        tap_sizes=[base.hidden_size] * len(config.taps),
+        hidden_size=base.hidden_size,
+        seed=seed,
+    ).to(base.device)
+
+
+def load_training_node(
+    base_dir: str | Path,
+    config: CarryOnConfig | TailConfig,
+    *,
+    seed: int,
+    device: str | torch.device = "cpu",
+) -> tuple[Trainable, torch.Tensor]:
+    """What a training node holds, read from the base's folder: a fresh adapter and the
+    frozen LM head (V, D). A carry-on needs only the head; a tail its top layers, the final
+    norm and the head. The base's other weights are never read.
+    """
+    from transformers import AutoConfig
+
+    if isinstance(config, TailConfig):
+        tail, head = load_tail(base_dir, config, seed=seed, device=str(device))
+        return tail, head
+    hf_config = AutoConfig.from_pretrained(base_dir)
+    head = load_tail_parts(base_dir, 1, head_only=True, device=str(device)).head_weight
+    width = int(hf_config.hidden_size)
+    carry_on = build_carry_on(
+        config, tap_sizes=[width] * len(config.taps), hidden_size=width, seed=seed
+    )
+    return carry_on.to(device), head

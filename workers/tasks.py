@@ -24,7 +24,7 @@ from webapp.customizations.services.jobs import job_event_create, job_model_name
 from webapp.customizations.services.pipeline import (
     checkpoint_record,
     feature_set_ready,
-    job_carry_on_config,
+    job_adapter_config,
     job_claim,
     job_extraction_done,
     job_fail,
@@ -63,7 +63,13 @@ def _run_stage(task: Any, job_id: str, stage: str, body: Body) -> str:
         logger.info("%s of %s: nothing to do (finished, cancelled or held)", stage, job_id)
         return "skipped"
     try:
-        body(job, worker)
+        # Eager tasks run inside the caller's transaction, which a second connection
+        # could not see (nor wait out): the claim keeper is for real workers.
+        if task.request.is_eager:
+            body(job, worker)
+        else:
+            with runtime.ClaimKeeper(job_id, worker):
+                body(job, worker)
         return "done"
     except TrainingCancelled:
         return "stopped"
@@ -258,15 +264,16 @@ def _open_features(feature_set: FeatureSet | None, base_key: str) -> Any:
 
 
 def _train(job: FineTuningJob, worker: str) -> None:
-    from customization.checkpoint import save_carry_on
-    from customization.training import TrainingCallbacks, build_carry_on, train_carry_on
+    """A training node: cached features plus what the adapter runs, never the whole base."""
+    from customization.base_model import BaseFingerprint
+    from customization.checkpoint import save_adapter
+    from customization.training import TrainingCallbacks, load_training_node, train_adapter
 
     heartbeat = runtime.Heartbeat(job, worker)
-    base = runtime.load_base(job.base)
-    fingerprint = base.fingerprint()
+    fingerprint = BaseFingerprint.from_dict(job.base.fingerprint)
     train_data = _open_features(job.train_features, fingerprint.key)
     valid_data = _open_features(job.valid_features, fingerprint.key) if job.valid_features else None
-    config, training = job_carry_on_config(job), job_training_config(job)
+    config, training = job_adapter_config(job), job_training_config(job)
     checkpoints = data_path(f"jobs/{job.id}/checkpoints")
     resumed_at = runtime.latest_checkpoint_step(checkpoints)
     if resumed_at is not None:
@@ -277,19 +284,17 @@ def _train(job: FineTuningJob, worker: str) -> None:
             message=f"Training started on {len(train_data)} examples",
             data={"worker": worker},
         )
-    carry_on = build_carry_on(
-        config,
-        tap_sizes=[base.hidden_size] * len(config.taps),
-        hidden_size=base.hidden_size,
-        seed=training.seed,
-    ).to(base.device)
+    runtime.warm_up()
+    adapter, head_weight = load_training_node(
+        job.base.path, config, seed=training.seed, device=runtime.device()
+    )
     recorder = TrainingRecorder(job, heartbeat, training.epochs)
-    result = train_carry_on(
-        carry_on,
+    result = train_adapter(
+        adapter,
         train_data,
-        base.head_weight,
+        head_weight,
         training,
-        num_layers=base.num_layers,
+        num_layers=fingerprint.num_layers,
         base_fingerprints=[fingerprint],
         valid_data=valid_data,
         checkpoint_dir=checkpoints,
@@ -301,8 +306,8 @@ def _train(job: FineTuningJob, worker: str) -> None:
             should_cancel=heartbeat.should_stop,
         ),
     )
-    relative = f"adapters/{job.id}"
-    info = save_carry_on(
+    relative = runtime.adapter_path(job.id)  # this attempt's own: a loser removes only it
+    info = save_adapter(
         result.carry_on,
         data_path(relative),
         base_fingerprints=[fingerprint],

@@ -198,3 +198,27 @@ def test_train_defaults_are_the_config_dataclasses_defaults() -> None:
         schedule.seed,
     )
     assert (args.max_length, args.storage_dtype) == (features.max_length, features.storage_dtype)
+
+
+def test_train_with_a_tail_depth_writes_a_peft_folder_that_chat_and_eval_serve(
+    hf_base_dir: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`train --tail-depth 1` saves a PEFT LoRA folder; `chat` and `eval` serve it."""
+    from customization.checkpoint import PEFT_CONFIG_FILE, load_tail_adapter
+
+    run = tmp_path / "tail"
+    argv = ["train", str(dataset), "--base", str(hf_base_dir), "--out", str(run)]
+    assert cli.main([*argv, "--cache-dir", str(tmp_path / "f"), *TINY, "--tail-depth", "1"]) == 0
+    peft_config = json.loads((run / "adapter" / PEFT_CONFIG_FILE).read_text())
+    assert peft_config["layers_to_transform"] == [1]
+    base = load_base_model(hf_base_dir)
+    tail = load_tail_adapter(run / "adapter", base_fingerprints=[base.fingerprint()])
+    capsys.readouterr()
+    chat = ["chat", "repeat river", "--base", str(hf_base_dir), "--adapter", str(run / "adapter")]
+    assert cli.main([*chat, "--max-tokens", "6"]) == 0
+    prompt = base.tokenizer.encode_prompt([{"role": "user", "content": "repeat river"}])
+    reply = generate(base, prompt, GenerationConfig(temperature=0.0, max_new_tokens=6), tail)
+    assert capsys.readouterr().out == reply.text + "\n"
+    evaluate = ["eval", str(dataset), "--base", str(hf_base_dir), "--adapter", str(run / "adapter")]
+    assert cli.main([*evaluate, "--max-length", "64"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] > 0

@@ -16,7 +16,7 @@ from customization.evaluation import heldout_metrics
 from customization.features import extract_features
 from customization.generation import generate
 from customization.tokenizer import tokenize_examples
-from customization.training import build_carry_on, train_carry_on
+from customization.training import build_carry_on, train_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +90,7 @@ def test_one_epoch_on_demo_problems_lowers_heldout_loss_and_still_answers(
     carry_on = build_carry_on(
         shape, tap_sizes=[576] * len(shape.taps), hidden_size=real_base.hidden_size, seed=0
     )
-    result = train_carry_on(
+    result = train_adapter(
         carry_on,
         train_data,
         real_base.head_weight,

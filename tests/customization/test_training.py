@@ -22,7 +22,7 @@ from customization.training import (
     head_loss,
     lr_at,
     make_batch,
-    train_carry_on,
+    train_adapter,
 )
 from tests.helpers.carry_on_kit import new_carry_on, tiny_config, toy_examples
 from tests.helpers.tiny_models import tiny_base
@@ -42,7 +42,7 @@ def _train(
     checkpoint_dir: Path | None = None,
     callbacks: TrainingCallbacks | None = None,
 ) -> TrainingResult:
-    return train_carry_on(
+    return train_adapter(
         carry_on,
         data,
         base.head_weight,

@@ -13,6 +13,7 @@ from customization.base_model import FrozenBase
 from customization.carry_on import CarryOn
 from customization.config import CarryOnConfig
 from customization.datasets import Example
+from customization.tail import TailModel
 from customization.training import build_carry_on
 from tests.helpers.tiny_models import tiny_base
 
@@ -69,6 +70,16 @@ def perturb(carry_on: CarryOn, *, seed: int, scale: float = 0.5) -> CarryOn:
         for param in carry_on.parameters():
             param.add_(torch.randn(param.shape, generator=generator) * scale)
     return carry_on.eval()
+
+
+def perturb_tail(tail: TailModel, *, seed: int, scale: float = 0.5) -> TailModel:
+    """Move every LoRA B off zero, so the tail changes outputs (B = 0 is the base)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, _, module in tail.lora_modules():
+            weight = module.lora_B.weight
+            weight.copy_(torch.randn(weight.shape, generator=generator) * scale)
+    return tail
 
 
 def toy_examples(n: int, *, seed: int = 0) -> list[Example]:

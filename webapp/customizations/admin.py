@@ -68,6 +68,12 @@ class ReadOnlyAdmin(admin.ModelAdmin):
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
+    def has_operate_permission(self, request: HttpRequest) -> bool:
+        """State-changing actions (cancel, retry, (de)activate) need the model's change
+        permission, which the records themselves never use (no form edits them)."""
+        opts = self.opts
+        return bool(request.user.has_perm(f"{opts.app_label}.change_{opts.model_name}"))
+
 
 @admin.register(BaseModel)
 class BaseModelAdmin(admin.ModelAdmin):
@@ -85,15 +91,15 @@ class BaseModelAdmin(admin.ModelAdmin):
     def fingerprint_pretty(self, obj: BaseModel) -> str:
         return _pretty_json(obj.fingerprint)
 
-    @admin.action(description="Enable selected base models")
+    @admin.action(description="Enable selected base models", permissions=["change"])
     def enable(self, request: HttpRequest, queryset: QuerySet[BaseModel]) -> None:
         _run(self, request, queryset, lambda b: base_model_set_enabled(base=b, enabled=True))
 
-    @admin.action(description="Disable selected base models")
+    @admin.action(description="Disable selected base models", permissions=["change"])
     def disable(self, request: HttpRequest, queryset: QuerySet[BaseModel]) -> None:
         _run(self, request, queryset, lambda b: base_model_set_enabled(base=b, enabled=False))
 
-    @admin.action(description="Make the selected base model the default")
+    @admin.action(description="Make the selected base model the default", permissions=["change"])
     def make_default(self, request: HttpRequest, queryset: QuerySet[BaseModel]) -> None:
         _run(self, request, queryset[:1], lambda b: base_model_set_default(base=b))
 
@@ -126,7 +132,9 @@ class FileAdmin(ReadOnlyAdmin):
         actions.pop("delete_selected", None)  # it would skip artifact removal
         return actions
 
-    @admin.action(description="Delete selected files and their stored content")
+    @admin.action(
+        description="Delete selected files and their stored content", permissions=["delete"]
+    )
     def delete_with_artifacts(self, request: HttpRequest, queryset: QuerySet[File]) -> None:
         _run(self, request, list(queryset), lambda f: file_delete(file=f))
 
@@ -146,7 +154,10 @@ class FeatureSetAdmin(ReadOnlyAdmin):
         actions.pop("delete_selected", None)
         return actions
 
-    @admin.action(description="Delete selected feature sets and their cached states")
+    @admin.action(
+        description="Delete selected feature sets and their cached states",
+        permissions=["delete"],
+    )
     def delete_with_artifacts(self, request: HttpRequest, queryset: QuerySet[FeatureSet]) -> None:
         _run(self, request, list(queryset), lambda fs: feature_set_delete(feature_set=fs))
 
@@ -186,6 +197,8 @@ class FineTuningJobAdmin(ReadOnlyAdmin):
         "id",
         "owner",
         "base",
+        "kind",
+        "preset",
         "status",
         "stage",
         "progress_percent",
@@ -193,7 +206,7 @@ class FineTuningJobAdmin(ReadOnlyAdmin):
         "created_at",
         "finished_at",
     )
-    list_filter = ("status", "stage", "base", "created_at")
+    list_filter = ("status", "kind", "preset", "stage", "base", "created_at")
     search_fields = ("id", "suffix", "owner__username", "training_file__id")
     readonly_fields = ("loss_curve", "error_pretty", "adapter_link")
     exclude = ("error",)
@@ -216,11 +229,11 @@ class FineTuningJobAdmin(ReadOnlyAdmin):
     def adapter_link(self, obj: FineTuningJob) -> str:
         return obj.fine_tuned_model or "—"
 
-    @admin.action(description="Cancel selected jobs")
+    @admin.action(description="Cancel selected jobs", permissions=["operate"])
     def cancel(self, request: HttpRequest, queryset: QuerySet[FineTuningJob]) -> None:
         _run(self, request, queryset, lambda j: job_cancel(job=j, user=request.user))
 
-    @admin.action(description="Retry selected failed jobs")
+    @admin.action(description="Retry selected failed jobs", permissions=["operate"])
     def retry(self, request: HttpRequest, queryset: QuerySet[FineTuningJob]) -> None:
         _run(self, request, queryset, lambda j: job_retry(job=j))
 
@@ -254,8 +267,19 @@ class CheckpointAdmin(ReadOnlyAdmin):
 
 @admin.register(Adapter)
 class AdapterAdmin(ReadOnlyAdmin):
-    list_display = ("name", "owner", "base", "active", "n_parameters", "bytes", "created_at")
-    list_filter = ("active", "base", "created_at")
+    list_display = (
+        "name",
+        "owner",
+        "base",
+        "kind",
+        "depth",
+        "preset",
+        "active",
+        "n_parameters",
+        "bytes",
+        "created_at",
+    )
+    list_filter = ("active", "kind", "preset", "base", "created_at")
     search_fields = ("name", "owner__username", "job__id", "sha256")
     readonly_fields = ("metrics_pretty",)
     exclude = ("metrics",)
@@ -265,15 +289,17 @@ class AdapterAdmin(ReadOnlyAdmin):
     def metrics_pretty(self, obj: Adapter) -> str:
         return _pretty_json(obj.metrics)
 
-    @admin.action(description="Activate selected adapters")
+    @admin.action(description="Activate selected adapters", permissions=["operate"])
     def activate(self, request: HttpRequest, queryset: QuerySet[Adapter]) -> None:
         _run(self, request, queryset, lambda a: adapter_set_active(adapter=a, active=True))
 
-    @admin.action(description="Deactivate selected adapters")
+    @admin.action(description="Deactivate selected adapters", permissions=["operate"])
     def deactivate(self, request: HttpRequest, queryset: QuerySet[Adapter]) -> None:
         _run(self, request, queryset, lambda a: adapter_set_active(adapter=a, active=False))
 
-    @admin.action(description="Delete selected adapters and their artifacts")
+    @admin.action(
+        description="Delete selected adapters and their artifacts", permissions=["delete"]
+    )
     def delete_with_artifacts(self, request: HttpRequest, queryset: QuerySet[Adapter]) -> None:
         _run(self, request, list(queryset), lambda a: adapter_delete(adapter=a))
 

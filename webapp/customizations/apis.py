@@ -1,8 +1,9 @@
 """The OpenAI-compatible REST API for files, fine-tuning jobs and models.
 
 Paths, object shapes and field names follow OpenAI's API so the official ``openai`` client
-works unchanged; carry-on options ride along as documented extension fields (``carry_on``
-on a job). Each view parses input, calls one service or selector, and serializes.
+works unchanged; adapter options ride along as documented extension fields (``preset``,
+``carry_on`` or ``tail`` on a job; ``kind``, ``depth`` and ``preset`` on a fine-tuned
+model). Each view parses input, calls one service or selector, and serializes.
 """
 
 from __future__ import annotations
@@ -10,20 +11,27 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from django.http import HttpResponse
+from django.http import FileResponse, HttpResponse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_field,
+)
 from rest_framework import serializers
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from customization.config import TAIL_LEARNING_RATE
+from customization.presets import ADAPTER_KINDS, PRESETS
 from webapp.core.api import ApiView, ErrorSerializer, paginate, unix
 from webapp.core.exceptions import ApplicationError
 from webapp.customizations import selectors
 from webapp.customizations.models import Adapter, BaseModel, Checkpoint, File, FineTuningJob
 from webapp.customizations.services.adapters import adapter_delete
-from webapp.customizations.services.files import PURPOSES, file_create, file_delete, file_read
+from webapp.customizations.services.files import PURPOSES, file_create, file_delete, file_open
 from webapp.customizations.services.jobs import (
     BASE_LEARNING_RATE,
     job_cancel,
@@ -170,9 +178,13 @@ class FileContentApi(ApiView):
     )
     def get(self, request: Request, file_id: str) -> HttpResponse:
         file = selectors.file_get(user=request.user, file_id=file_id)
-        response = HttpResponse(file_read(file=file), content_type="application/octet-stream")
-        response["content-disposition"] = f'attachment; filename="{file.id}.jsonl"'
-        return response
+        # Streamed in blocks: a large upload is never held in memory whole.
+        return FileResponse(
+            file_open(file=file),
+            content_type="application/octet-stream",
+            as_attachment=True,
+            filename=f"{file.id}.jsonl",
+        )
 
 
 # -- fine-tuning jobs ----------------------------------------------------------------------
@@ -183,7 +195,8 @@ class HyperparametersSerializer(serializers.Serializer):
     batch_size = serializers.JSONField(required=False, help_text='"auto" or 1..256')
     learning_rate_multiplier = serializers.JSONField(
         required=False,
-        help_text=f'"auto" or a multiplier of the carry-on base rate ({BASE_LEARNING_RATE:g})',
+        help_text=f'"auto" or a multiplier of the base rate: a carry-on\'s {BASE_LEARNING_RATE:g}, '
+        f"a tail's {TAIL_LEARNING_RATE:g}, or the preset's",
     )
 
 
@@ -206,6 +219,37 @@ class CarryOnOptionsSerializer(serializers.Serializer):
     early_stopping_patience = serializers.IntegerField(required=False)
 
 
+class TailOptionsSerializer(serializers.Serializer):
+    """Extension: the tail's shape (LoRA on the base's top layers) and extras (all optional)."""
+
+    depth = serializers.IntegerField(
+        required=False, help_text="How many of the base's top layers the tail re-runs (1..L)"
+    )
+    rank = serializers.IntegerField(required=False, help_text="LoRA rank, 1..256")
+    alpha = serializers.FloatField(required=False, help_text="LoRA alpha (scale alpha / rank)")
+    target_modules = serializers.JSONField(
+        required=False, help_text='"all-linear" or names among q_proj ... down_proj'
+    )
+    dropout = serializers.FloatField(required=False)
+    max_length = serializers.JSONField(required=False)
+    storage_dtype = serializers.CharField(required=False)
+    checkpoint_every = serializers.JSONField(required=False)
+    early_stopping_patience = serializers.IntegerField(required=False)
+
+
+@extend_schema_field(CarryOnOptionsSerializer)
+class CarryOnOptionsField(serializers.JSONField):
+    """Kept as JSON so the service checks it and names the wrong option (``carry_on.x``)."""
+
+
+@extend_schema_field(TailOptionsSerializer)
+class TailOptionsField(serializers.JSONField):
+    """Kept as JSON so the service checks it and names the wrong option (``tail.x``)."""
+
+
+_PRESETS_HELP = "Extension: " + "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values())
+
+
 class JobCreateSerializer(serializers.Serializer):
     model = serializers.CharField(max_length=128)
     training_file = serializers.CharField(max_length=64)
@@ -216,7 +260,15 @@ class JobCreateSerializer(serializers.Serializer):
     seed = serializers.IntegerField(required=False, allow_null=True)
     metadata = serializers.JSONField(required=False, allow_null=True)
     integrations = serializers.JSONField(required=False, allow_null=True)
-    carry_on = serializers.JSONField(required=False, allow_null=True)
+    carry_on = CarryOnOptionsField(
+        required=False, allow_null=True, help_text="Extension: carry-on options (a carry-on job)"
+    )
+    preset = serializers.CharField(
+        required=False, allow_null=True, allow_blank=True, help_text=_PRESETS_HELP
+    )
+    tail = TailOptionsField(
+        required=False, allow_null=True, help_text="Extension: tail options (a tail job)"
+    )
 
     def to_internal_value(self, data: Any) -> Any:
         if isinstance(data, dict):
@@ -279,7 +331,10 @@ class JobSerializer(serializers.Serializer):
     user_provided_suffix = serializers.CharField(allow_null=True)
     stage = serializers.CharField(allow_blank=True, help_text="Extension: extracting|training")
     progress = serializers.FloatField(help_text="Extension: 0..1 within the job")
-    carry_on = serializers.JSONField(help_text="Extension: the carry-on options")
+    kind = serializers.ChoiceField(choices=ADAPTER_KINDS, help_text="Extension: adapter kind")
+    preset = serializers.CharField(allow_null=True, help_text="Extension: the preset, if any")
+    carry_on = serializers.JSONField(help_text="Extension: the carry-on options ({} for a tail)")
+    tail = serializers.JSONField(help_text="Extension: the tail options ({} for a carry-on)")
 
 
 def job_object(job: FineTuningJob) -> dict[str, Any]:
@@ -317,7 +372,10 @@ def job_object(job: FineTuningJob) -> dict[str, Any]:
         "user_provided_suffix": job.suffix or None,
         "stage": job.stage,
         "progress": job.progress,
+        "kind": job.kind,
+        "preset": job.preset or None,
         "carry_on": job.carry_on,
+        "tail": job.tail,
     }
 
 
@@ -346,7 +404,8 @@ def _metadata_filters(request: Request) -> dict[str, Any]:
 class JobListCreateApi(ApiView):
     @extend_schema(
         operation_id="createFineTuningJob",
-        summary="Train a carry-on on a validated file (extraction is cached per dataset)",
+        summary="Train an adapter (a carry-on or a tail) on a validated file; extraction is "
+        "cached per dataset",
         request=JobCreateSerializer,
         responses={200: JobSerializer, **ERRORS},
     )
@@ -364,6 +423,8 @@ class JobListCreateApi(ApiView):
             seed=data.get("seed"),
             metadata=data.get("metadata"),
             carry_on=data.get("carry_on"),
+            preset=data.get("preset"),
+            tail=data.get("tail"),
         )
         return Response(job_object(job))
 
@@ -479,6 +540,15 @@ class ModelSerializer(serializers.Serializer):
     object = serializers.CharField(help_text="Always 'model'.")
     created = serializers.IntegerField()
     owned_by = serializers.CharField()
+    kind = serializers.ChoiceField(
+        choices=ADAPTER_KINDS, required=False, help_text="Extension, fine-tuned models: kind"
+    )
+    depth = serializers.IntegerField(
+        required=False, allow_null=True, help_text="Extension: a tail's depth (null: carry-on)"
+    )
+    preset = serializers.CharField(
+        required=False, allow_null=True, help_text="Extension: the preset it was trained with"
+    )
 
 
 def base_object(base: BaseModel) -> dict[str, Any]:
@@ -496,6 +566,9 @@ def adapter_object(adapter: Adapter) -> dict[str, Any]:
         "object": "model",
         "created": unix(adapter.created_at),
         "owned_by": adapter.owner.username,
+        "kind": adapter.kind,
+        "depth": adapter.depth,
+        "preset": adapter.preset or None,
     }
 
 
@@ -519,6 +592,8 @@ class ModelDetailApi(ApiView):
         resolved = selectors.model_resolve(user=request.user, name=model)
         if resolved.adapter_id is None:
             return Response(base_object(resolved.base))
+        if resolved.adapter_id == model:  # an adapter (a checkpoint is named by its row's pk)
+            return Response(adapter_object(selectors.adapter_get(user=request.user, name=model)))
         return Response(
             {"id": model, "object": "model", "created": unix(resolved.base.created_at),
              "owned_by": request.user.username}

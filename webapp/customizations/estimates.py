@@ -7,6 +7,10 @@ The model follows where the time goes (DESIGN §1 "Where the cost is"):
   and the gradient to its input (2 × D × V multiply-adds per loss token), plus the carry-on
   body (about 12 × d² per block per token, times 3 for forward and backward) and its
   projections in and out (2 × D × d, times 3);
+- a tail (DESIGN §1b) instead re-runs the base's top ``depth`` layers over every token,
+  forward and the gradient to their input (LoRA-class: the frozen weights need no weight
+  gradient and the low-rank factors are small), so 2 × depth × one full-width layer's
+  multiply-adds per token, plus the same LM head at the loss positions;
 - a fixed overhead: queueing, loading the base, writing the artifact.
 
 The rates were measured on this project's reference machine (2 CPU cores, the torch CPU
@@ -22,8 +26,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from customization.presets import PRESETS
 from webapp.customizations.models import BaseModel, File
-from webapp.customizations.services.jobs import AUTO_HYPERPARAMETERS, CARRY_ON_DEFAULTS
+from webapp.customizations.services.jobs import (
+    AUTO_HYPERPARAMETERS,
+    CARRY_ON_DEFAULTS,
+    TAIL_DEFAULTS,
+    base_linear_shapes,
+    base_num_layers,
+)
 
 # From the measurement above (wall seconds = CPU seconds / 2 threads):
 # extraction 5,694 tokens × 30 layers × 576² / 36.5 s ≈ 1.6e9 "layer units" per second;
@@ -71,6 +82,30 @@ def job_estimate(
     )
 
 
+def tail_job_estimate(
+    *,
+    n_tokens: int,
+    n_loss_tokens: int | None,
+    fingerprint: dict[str, Any],
+    epochs: int,
+    depth: int,
+    layer_units: int,
+) -> JobEstimate:
+    """A tail's: the carry-on's extraction, then ``depth`` layers of ``layer_units``
+    multiply-adds per token (the sum of a layer's linear shapes), forward and backward."""
+    hidden = int(fingerprint.get("hidden_size") or 576)
+    layers = int(fingerprint.get("num_layers") or 30)
+    vocab = int(fingerprint.get("vocab_size") or 49152)
+    extract = n_tokens * layers * hidden**2 / EXTRACT_UNITS_PER_SECOND
+    loss_tokens = n_loss_tokens if n_loss_tokens is not None else n_tokens * DEFAULT_LOSS_SHARE
+    # Attention needs every position, so the layers run over all tokens; the head does not.
+    units = loss_tokens * 2 * hidden * vocab + n_tokens * 2 * depth * layer_units
+    train = epochs * TRAIN_SHARE * units / TRAIN_UNITS_PER_SECOND
+    return JobEstimate(
+        seconds=OVERHEAD_SECONDS + extract + train, extract_seconds=extract, train_seconds=train
+    )
+
+
 def duration_text(seconds: float) -> str:
     """``40 seconds``, ``3 minutes``, ``1 h 20 min``: rounded as an estimate should be."""
     if seconds < 60:
@@ -89,11 +124,24 @@ def file_job_estimate(
     epochs: int | None = None,
     d_model: int | None = None,
     n_blocks: int | None = None,
+    kind: str = "carry_on",
+    depth: int | None = None,
 ) -> JobEstimate | None:
     """The estimate for a job on ``file`` (None when its tokens were not counted)."""
     if base is None or not file.n_tokens:
         return None
     loss_tokens = file.report.get("n_loss_tokens")
+    if kind == "tail":
+        layers = base_num_layers(base)
+        depth = depth or int(TAIL_DEFAULTS["depth"])
+        return tail_job_estimate(
+            n_tokens=file.n_tokens,
+            n_loss_tokens=loss_tokens if isinstance(loss_tokens, int) else None,
+            fingerprint=base.fingerprint or {},
+            epochs=epochs or int(AUTO_HYPERPARAMETERS["n_epochs"]),
+            depth=min(depth, layers) if layers else depth,
+            layer_units=sum(i * o for i, o in base_linear_shapes(base).values()),
+        )
     return job_estimate(
         n_tokens=file.n_tokens,
         n_loss_tokens=loss_tokens if isinstance(loss_tokens, int) else None,
@@ -102,3 +150,18 @@ def file_job_estimate(
         d_model=d_model or int(CARRY_ON_DEFAULTS["d_model"]),
         n_blocks=n_blocks or int(CARRY_ON_DEFAULTS["n_blocks"]),
     )
+
+
+def preset_estimates(
+    *, file: File | None, base: BaseModel | None, epochs: int | None = None
+) -> dict[str, JobEstimate | None]:
+    """Each preset's estimate for a job on ``file`` (None where it cannot be told)."""
+    layers = base_num_layers(base) or 30
+    return {
+        name: file_job_estimate(
+            file=file, base=base, epochs=epochs, kind=preset.kind, depth=preset.tail_depth(layers)
+        )
+        if file is not None
+        else None
+        for name, preset in PRESETS.items()
+    }

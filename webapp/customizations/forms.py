@@ -6,17 +6,30 @@ from typing import Any
 
 from django import forms
 
+from customization.presets import DEFAULT_PRESET, PRESETS
 from webapp.accounts.models import User
 from webapp.customizations.models import BaseModel, File
 from webapp.customizations.selectors import base_model_default, base_model_list, file_list
 from webapp.customizations.services.jobs import (
     AUTO_HYPERPARAMETERS,
     CARRY_ON_DEFAULTS,
+    TAIL_DEFAULTS,
     resolve_default_taps,
 )
 
 # Carry-on widths offered in the form (the API takes any valid width).
 D_MODEL_CHOICES = (32, 64, 128, 256, 512)
+CUSTOM = "custom"
+PRESET_CHOICES = (
+    *((name, name.capitalize()) for name in PRESETS),
+    (CUSTOM, "Custom"),
+)
+KIND_CHOICES = (
+    ("carry_on", "carry-on: a small branch reading cached states"),
+    ("tail", "tail: LoRA on the base's top layers"),
+)
+# What each kind's fields are called in the form (the service names them carry_on.*, tail.*).
+KIND_FIELDS = {"carry_on": ("d_model", "n_blocks", "taps"), "tail": ("depth", "rank")}
 TAP_MODES = (
     ("mix", "mix: learned weighted sum of the taps at the input"),
     ("ladder", "ladder: each block adds its own tap (Ladder Side-Tuning)"),
@@ -35,6 +48,20 @@ class JobCreateForm(forms.Form):
 
     training_file = forms.ChoiceField(label="Training dataset")
     model = forms.ChoiceField(label="Base model")
+    preset = forms.ChoiceField(
+        label="Preset",
+        choices=PRESET_CHOICES,
+        required=False,
+        initial=DEFAULT_PRESET,
+        widget=forms.RadioSelect,
+    )
+    kind = forms.ChoiceField(
+        label="Adapter kind",
+        choices=KIND_CHOICES,
+        required=False,
+        initial="carry_on",
+        help_text="With Custom: which kind to train.",
+    )
     validation_file = forms.ChoiceField(label="Validation dataset", required=False)
     n_epochs = forms.IntegerField(min_value=1, max_value=50, required=False, label="Epochs")
     learning_rate_multiplier = forms.FloatField(
@@ -42,7 +69,7 @@ class JobCreateForm(forms.Form):
         max_value=10,
         required=False,
         label="Learning-rate multiplier",
-        help_text="Times the carry-on's base rate of 0.001.",
+        help_text="Times the base rate of the preset or kind (a carry-on's, a tail's).",
     )
     batch_size = forms.IntegerField(min_value=1, max_value=256, required=False, label="Batch size")
     d_model = forms.TypedChoiceField(
@@ -65,6 +92,14 @@ class JobCreateForm(forms.Form):
     tap_mode = forms.ChoiceField(
         label="Tap mode", choices=TAP_MODES, required=False, help_text="Used with several taps."
     )
+    depth = forms.IntegerField(
+        min_value=1,
+        max_value=1024,
+        required=False,
+        label="Tail depth",
+        help_text="How many of the base's top layers get LoRA (at most the base's layers).",
+    )
+    rank = forms.IntegerField(min_value=1, max_value=256, required=False, label="Tail LoRA rank")
     suffix = forms.CharField(
         max_length=64,
         required=False,
@@ -99,15 +134,32 @@ class JobCreateForm(forms.Form):
         ]
         self._placeholders()
 
+    # (legend, fields, the adapter kind they are for: "" for every job)
     FIELDSETS = (
-        ("Data and base", ("training_file", "validation_file", "model")),
-        ("Training", ("n_epochs", "learning_rate_multiplier", "batch_size", "seed")),
-        ("Carry-on size and taps", ("d_model", "n_blocks", "taps", "tap_mode")),
-        ("Name", ("suffix",)),
+        ("Data and base", ("training_file", "validation_file", "model"), ""),
+        ("Training", ("n_epochs", "learning_rate_multiplier", "batch_size", "seed"), ""),
+        ("Carry-on size and taps", ("d_model", "n_blocks", "taps", "tap_mode"), "carry_on"),
+        ("Tail size", ("depth", "rank"), "tail"),
+        ("Name", ("suffix",), ""),
     )
 
-    def fieldsets(self) -> list[tuple[str, list[forms.BoundField]]]:
-        return [(legend, [self[name] for name in names]) for legend, names in self.FIELDSETS]
+    def fieldsets(self) -> list[tuple[str, list[forms.BoundField], str]]:
+        return [
+            (legend, [self[name] for name in names], kind) for legend, names, kind in self.FIELDSETS
+        ]
+
+    def custom_fields(self) -> list[forms.BoundField]:
+        """Shown under the presets: what Custom adds (the kind)."""
+        return [self["kind"]]
+
+    def preset_options(self) -> list[tuple[forms.BoundField, str, str]]:
+        """Each preset's radio button with its summary and its kind (Custom: the kind field's)."""
+        rows: list[tuple[forms.BoundField, str, str]] = []
+        for radio in self["preset"]:
+            preset = PRESETS.get(str(radio.data["value"]))
+            summary = preset.summary if preset else "choose the kind and its size below"
+            rows.append((radio, summary, preset.kind if preset else ""))
+        return rows
 
     def _placeholders(self) -> None:
         auto = AUTO_HYPERPARAMETERS
@@ -123,6 +175,8 @@ class JobCreateForm(forms.Form):
         self.fields["n_blocks"].widget.attrs["placeholder"] = (
             f"default ({CARRY_ON_DEFAULTS['n_blocks']})"
         )
+        self.fields["depth"].widget.attrs["placeholder"] = f"default ({TAIL_DEFAULTS['depth']})"
+        self.fields["rank"].widget.attrs["placeholder"] = f"default ({TAIL_DEFAULTS['rank']})"
         default_taps = ",".join(str(t) for t in resolve_default_taps(None))
         self.fields["taps"].widget.attrs["placeholder"] = f"default ladder ({default_taps})"
         self.fields["tap_mode"].initial = CARRY_ON_DEFAULTS["tap_mode"]
@@ -155,7 +209,30 @@ class JobCreateForm(forms.Form):
                     f"{base} has hidden states 0..{layers} (or -1..-{layers + 1}); "
                     f"{wrong[0]} is out of range.",
                 )
+        depth = cleaned.get("depth")
+        if depth and layers and depth > layers:
+            self.add_error("depth", f"{base} has {layers} layers; the depth is at most {layers}.")
+        kind = self.adapter_kind()
+        for other, names in KIND_FIELDS.items():
+            for name in names:
+                if other != kind and cleaned.get(name):
+                    self.add_error(
+                        name,
+                        f"This option is for a {other.replace('_', '-')}; the chosen preset "
+                        f"trains a {kind.replace('_', '-')} (choose Custom to change the kind).",
+                    )
         return cleaned
+
+    def preset_name(self) -> str | None:
+        """The chosen preset; None for Custom (or a form posted without one)."""
+        name = self.cleaned_data.get("preset") or ""
+        return name if name in PRESETS else None
+
+    def adapter_kind(self) -> str:
+        preset = self.preset_name()
+        if preset is not None:
+            return PRESETS[preset].kind
+        return self.cleaned_data.get("kind") or "carry_on"
 
     def training_file_id(self) -> str:
         return str(self.cleaned_data.get("training_file") or self.fields["training_file"].initial)
@@ -164,8 +241,17 @@ class JobCreateForm(forms.Form):
         names = ("n_epochs", "batch_size", "learning_rate_multiplier")
         return {name: self.cleaned_data[name] for name in names if self.cleaned_data[name]}
 
-    def carry_on(self) -> dict[str, Any]:
-        """Only the options the user set; the service fills in the defaults."""
+    def tail(self) -> dict[str, Any] | None:
+        """A tail's options the user set (None for a carry-on); the service fills the rest."""
+        if self.adapter_kind() != "tail":
+            return None
+        names = KIND_FIELDS["tail"]
+        return {name: self.cleaned_data[name] for name in names if self.cleaned_data.get(name)}
+
+    def carry_on(self) -> dict[str, Any] | None:
+        """Only the options the user set (None for a tail); the service fills the defaults."""
+        if self.adapter_kind() != "carry_on":
+            return None
         options: dict[str, Any] = {}
         for name in ("d_model", "n_blocks", "taps"):
             if self.cleaned_data.get(name):
@@ -225,3 +311,13 @@ class EstimateQuery(forms.Form):
     n_epochs = forms.IntegerField(min_value=1, max_value=50, required=False)
     d_model = forms.IntegerField(min_value=8, max_value=8192, required=False)
     n_blocks = forms.IntegerField(min_value=1, max_value=64, required=False)
+    preset = forms.CharField(max_length=16, required=False)
+    kind = forms.ChoiceField(choices=KIND_CHOICES, required=False)
+    depth = forms.IntegerField(min_value=1, max_value=1024, required=False)
+
+    def adapter_kind(self) -> tuple[str, int | None]:
+        """The kind and the tail depth asked for (a preset's, or Custom's fields)."""
+        preset = PRESETS.get(self.cleaned_data["preset"] or "")
+        if preset is not None:
+            return preset.kind, self.cleaned_data["depth"] or preset.tail_depth(1024)
+        return self.cleaned_data["kind"] or "carry_on", self.cleaned_data["depth"]

@@ -132,7 +132,12 @@ class FineTuningJob(TimeStampedModel):
         File, on_delete=models.SET_NULL, null=True, blank=True, related_name="validation_jobs"
     )
     hyperparameters = models.JSONField(default=dict, blank=True)
+    # The adapter kind (DESIGN §1b) and its shape: ``carry_on`` holds a carry-on's config,
+    # ``tail`` a tail's (depth, rank, ...); ``preset`` names the preset it came from.
+    kind = models.CharField(max_length=16, default="carry_on")
+    preset = models.CharField(max_length=16, blank=True)
     carry_on = models.JSONField(default=dict, blank=True)
+    tail = models.JSONField(default=dict, blank=True)
     seed = models.BigIntegerField(default=0)
     suffix = models.CharField(max_length=64, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
@@ -154,6 +159,8 @@ class FineTuningJob(TimeStampedModel):
     worker = models.CharField(max_length=255, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     attempts = models.IntegerField(default=0)
+    # Times the waiting stage was sent again with no worker taking it (reset by a claim).
+    requeues = models.IntegerField(default=0)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
@@ -247,6 +254,10 @@ class Adapter(TimeStampedModel):
     n_parameters = models.BigIntegerField(default=0)
     metrics = models.JSONField(default=dict, blank=True)
     active = models.BooleanField(default=True)
+    kind = models.CharField(max_length=16, default="carry_on")
+    preset = models.CharField(max_length=16, blank=True)
+    # A tail's depth (its top k layers); None for a carry-on.
+    depth = models.IntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]

@@ -1,4 +1,4 @@
-"""Adapters (servable carry-ons): renaming, activation, deletion and the download bundle."""
+"""Adapters (carry-ons and tails): renaming, activation, deletion and the download bundle."""
 
 from __future__ import annotations
 
@@ -13,8 +13,13 @@ from webapp.core.exceptions import ApplicationError
 from webapp.core.utils import data_path, remove_artifact
 from webapp.customizations.models import Adapter, FeatureSet
 
-# The artifact's files, in the bundle under these names (DESIGN §1 "Artifact").
+# The files an artifact of each kind cannot be without (DESIGN §1 "Artifact", §1b: a tail
+# is a standard PEFT LoRA folder plus carry_on_tail.json); the bundle holds every file.
 BUNDLE_FILES = ("carry_on.safetensors", "carry_on_config.json")
+REQUIRED_FILES = {
+    "carry_on": BUNDLE_FILES,
+    "tail": ("adapter_config.json", "adapter_model.safetensors", "carry_on_tail.json"),
+}
 LABEL_MAX = 100
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -38,9 +43,10 @@ def adapter_bundle_filename(adapter: Adapter) -> str:
 
 
 def adapter_bundle(*, adapter: Adapter) -> IO[bytes]:
-    """A zip of the artifact (weights and config), as a rewound temporary file."""
+    """A zip of every file of the artifact's folder, as a rewound temporary file."""
     folder = data_path(adapter.path)
-    missing = [name for name in BUNDLE_FILES if not (folder / name).is_file()]
+    required = REQUIRED_FILES.get(adapter.kind, BUNDLE_FILES)
+    missing = [name for name in required if not (folder / name).is_file()]
     if missing:
         raise ApplicationError(
             f"the artifact of {adapter.name} is missing from storage ({', '.join(missing)})",
@@ -49,9 +55,10 @@ def adapter_bundle(*, adapter: Adapter) -> IO[bytes]:
             type="server_error",
         )
     bundle = tempfile.TemporaryFile()  # noqa: SIM115 (the response closes it)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
     with zipfile.ZipFile(bundle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for name in BUNDLE_FILES:
-            archive.write(folder / name, arcname=name)
+        for path in files:
+            archive.write(path, arcname=path.relative_to(folder).as_posix())
     bundle.seek(0)
     return bundle
 

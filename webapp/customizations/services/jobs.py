@@ -12,22 +12,26 @@ and a user cancelling it cannot both win.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import secrets
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from customization.config import CarryOnConfig, TrainingConfig, default_taps
+from customization.config import CarryOnConfig, TailConfig, TrainingConfig, default_taps
+from customization.presets import PRESETS, Preset, get_preset
 from webapp.accounts.models import User
 from webapp.core.exceptions import ApplicationError, ConflictError, ServiceUnavailableError
 from webapp.core.utils import remove_artifact
 from webapp.customizations.models import BaseModel, File, FineTuningJob, JobEvent
+from webapp.customizations.quotas import quota_check_active_jobs
 
 logger = logging.getLogger(__name__)
 Status = FineTuningJob.Status
@@ -76,6 +80,22 @@ CARRY_ON_DEFAULTS: dict[str, Any] = {
     "checkpoint_every": "auto",
     "early_stopping_patience": 0,
 }
+_TAIL = TailConfig()
+TAIL_DEFAULTS: dict[str, Any] = {
+    # the tail's shape (customization.config.TailConfig): LoRA on the base's top ``depth``
+    # layers; a depth above the base's is refused, except a preset's, clamped (DESIGN §1b)
+    "depth": _TAIL.depth,
+    "rank": _TAIL.rank,
+    "alpha": _TAIL.alpha,
+    "target_modules": list(_TAIL.target_modules),
+    "dropout": _TAIL.dropout,
+    # the same extraction and training extras as a carry-on's
+    "max_length": "auto",
+    "storage_dtype": "float16",
+    "checkpoint_every": "auto",
+    "early_stopping_patience": 0,
+}
+_TAIL_SHAPE_KEYS = ("depth", "rank", "alpha", "target_modules", "dropout")
 _SHAPE_KEYS = (
     "d_model",
     "n_blocks",
@@ -103,8 +123,14 @@ def job_create(
     seed: int | None = None,
     metadata: Mapping[str, Any] | None = None,
     carry_on: Mapping[str, Any] | None = None,
+    preset: str | None = None,
+    tail: Mapping[str, Any] | None = None,
 ) -> FineTuningJob:
     """Validate the request, create the job and enqueue file validation once committed.
+
+    A job trains one adapter kind (DESIGN §1b): a carry-on (``carry_on`` options) or a tail
+    (``tail`` options). A ``preset`` picks the kind and fills defaults; options given with
+    it win over the preset's.
 
     If the broker does not take the task, the job is withdrawn (deleted) and
     ``ServiceUnavailableError`` (503) is raised: the caller retries, and no job waits for a
@@ -113,14 +139,23 @@ def job_create(
     base = _resolve_base(model)
     train = _resolve_file(user, training_file, "training_file")
     valid = _resolve_file(user, validation_file, "validation_file") if validation_file else None
+    chosen = _resolve_preset(preset)
+    kind = _job_kind(chosen, carry_on=carry_on, tail=tail)
+    if kind == "tail":
+        shape = {"tail": _check_tail(tail or {}, base=base, preset=chosen), "carry_on": {}}
+    else:
+        shape = {"carry_on": _check_carry_on(carry_on or {}, base=base, preset=chosen), "tail": {}}
     with transaction.atomic():
+        quota_check_active_jobs(user=user)
         job = FineTuningJob.objects.create(
             owner=user,
             base=base,
             training_file=train,
             validation_file=valid,
             hyperparameters=_check_hyperparameters(hyperparameters or {}),
-            carry_on=_check_carry_on(carry_on or {}, base=base),
+            kind=kind,
+            preset=chosen.name if chosen else "",
+            **shape,
             suffix=_check_suffix(suffix),
             seed=_check_seed(seed),
             metadata=_check_metadata(metadata),
@@ -214,19 +249,14 @@ def _check_hyperparameters(values: Mapping[str, Any]) -> dict[str, Any]:
     return checked
 
 
-def _check_carry_on(values: Mapping[str, Any], *, base: BaseModel | None = None) -> dict[str, Any]:
+def _check_carry_on(
+    values: Mapping[str, Any], *, base: BaseModel | None = None, preset: Preset | None = None
+) -> dict[str, Any]:
     from customization.config import FeatureConfig
 
-    if not isinstance(values, Mapping):
-        raise ApplicationError("carry_on must be an object", param="carry_on")
-    unknown = sorted(set(values) - set(CARRY_ON_DEFAULTS))
-    if unknown:
-        raise ApplicationError(
-            f"unknown carry_on option {unknown[0]!r}; allowed: {', '.join(CARRY_ON_DEFAULTS)}",
-            param=f"carry_on.{unknown[0]}",
-        )
+    _check_known(values, CARRY_ON_DEFAULTS, "carry_on")
     _check_carry_on_types(values)
-    options = {**CARRY_ON_DEFAULTS, **values}
+    options = {**CARRY_ON_DEFAULTS, **(preset.options if preset else {}), **values}
     if options["taps"] == "auto":
         options["taps"] = list(resolve_default_taps(base))
     try:
@@ -240,19 +270,198 @@ def _check_carry_on(values: Mapping[str, Any], *, base: BaseModel | None = None)
         )
     except (TypeError, ValueError) as exc:
         raise ApplicationError(f"invalid carry_on options: {exc}", param="carry_on") from None
+    _check_extras(options, "carry_on")
+    options["taps"] = list(shape["taps"])
+    _check_carry_on_size(options, base)
+    return options
+
+
+def _check_known(values: Any, allowed: Mapping[str, Any], kind: str) -> None:
+    """An object of options, each one ``allowed`` names; a 400 names the first other."""
+    if not isinstance(values, Mapping):
+        raise ApplicationError(f"{kind} must be an object", param=kind)
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ApplicationError(
+            f"unknown {kind} option {unknown[0]!r}; allowed: {', '.join(allowed)}",
+            param=f"{kind}.{unknown[0]}",
+        )
+
+
+def _check_extras(options: Mapping[str, Any], kind: str) -> None:
+    """The extraction and training extras both kinds take (the last four of
+    CARRY_ON_DEFAULTS and TAIL_DEFAULTS), with the operator's caps; ``kind`` names the param."""
+    from customization.config import FeatureConfig
+
     for key in ("max_length", "checkpoint_every"):
         value = options[key]
         if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ApplicationError(f"{key} must be 'auto' or an integer", param=f"carry_on.{key}")
+            raise ApplicationError(f"{key} must be 'auto' or an integer", param=f"{kind}.{key}")
+    cap = int(settings.CARRY_ON["MAX_LENGTH_CAP"])
+    if options["max_length"] != "auto" and options["max_length"] > cap:
+        raise ApplicationError(
+            f"max_length may be at most {cap} tokens on this service",
+            param=f"{kind}.max_length",
+            code="option_above_limit",
+        )
+    for key in ("max_length", "storage_dtype"):
+        if options[key] != "auto":
+            try:
+                FeatureConfig(**{key: options[key]})
+            except ValueError as exc:
+                raise ApplicationError(str(exc), param=f"{kind}.{key}") from None
     patience = options["early_stopping_patience"]
     if isinstance(patience, bool) or not isinstance(patience, int) or not 0 <= patience <= 100:
         raise ApplicationError(
             "early_stopping_patience must be an integer in [0, 100]",
-            param="carry_on.early_stopping_patience",
+            param=f"{kind}.early_stopping_patience",
         )
-    options["taps"] = list(shape["taps"])
-    _check_carry_on_size(options, base)
+
+
+def _resolve_preset(name: str | None) -> Preset | None:
+    if name is None or name == "":
+        return None
+    if not isinstance(name, str):
+        raise ApplicationError(f"preset must be one of {', '.join(PRESETS)}", param="preset")
+    try:
+        return get_preset(name)
+    except ValueError as exc:
+        raise ApplicationError(str(exc), param="preset", code="invalid_preset") from None
+
+
+def _given(options: Any) -> bool:
+    return options is not None and not (isinstance(options, Mapping) and not options)
+
+
+def _job_kind(preset: Preset | None, *, carry_on: Any, tail: Any) -> str:
+    """The adapter kind: the preset's, else the kind whose options were given."""
+    if _given(carry_on) and _given(tail):
+        raise ApplicationError(
+            "give carry_on or tail options, not both: a job trains one adapter kind",
+            param="tail",
+        )
+    if preset is None:
+        return "tail" if _given(tail) else "carry_on"
+    other = "tail" if preset.kind == "carry_on" else "carry_on"
+    if _given(tail if other == "tail" else carry_on):
+        raise ApplicationError(
+            f"preset {preset.name!r} trains a {preset.kind.replace('_', '-')}; "
+            f"{other} options do not apply to it",
+            param=other,
+        )
+    return preset.kind
+
+
+def _check_tail(
+    values: Mapping[str, Any], *, base: BaseModel, preset: Preset | None = None
+) -> dict[str, Any]:
+    """Tail options (TAIL_DEFAULTS) checked one by one with TailConfig, so a 400 names one."""
+    _check_known(values, TAIL_DEFAULTS, "tail")
+    options = {**TAIL_DEFAULTS, **(preset.options if preset else {}), **values}
+    layers = base_num_layers(base)
+    if "depth" not in values and layers:
+        # A preset's or the default depth fits any base ("best": every layer); a depth the
+        # user gave is checked against the base instead.
+        options["depth"] = min(int(options["depth"]), layers)
+    if options["target_modules"] == "all-linear":  # PEFT's spelling
+        options["target_modules"] = list(_TAIL.target_modules)
+    _check_tail_types(options)
+    for key in _TAIL_SHAPE_KEYS:
+        value = options[key]
+        given: dict[str, Any] = {key: tuple(value) if key == "target_modules" else value}
+        if key == "depth":
+            given["num_layers"] = layers
+        try:
+            TailConfig(**given)
+        except ValueError as exc:
+            raise ApplicationError(f"invalid tail option: {exc}", param=f"tail.{key}") from None
+    options["target_modules"] = list(options["target_modules"])
+    _check_extras(options, "tail")
+    _check_tail_size(options, base)
     return options
+
+
+_TAIL_TYPES: dict[str, tuple[type, ...]] = {
+    "depth": (int,),
+    "rank": (int,),
+    "alpha": (int, float),
+    "dropout": (int, float),
+    "storage_dtype": (str,),
+}
+
+
+def _check_tail_types(options: Mapping[str, Any]) -> None:
+    for key, kinds in _TAIL_TYPES.items():
+        value = options[key]
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            kind = (
+                "a string" if kinds == (str,) else "an integer" if kinds == (int,) else "a number"
+            )
+            raise ApplicationError(f"{key} must be {kind}", param=f"tail.{key}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ApplicationError(f"{key} must be a finite number", param=f"tail.{key}")
+    modules = options["target_modules"]
+    if not isinstance(modules, list | tuple) or not all(isinstance(m, str) for m in modules):
+        raise ApplicationError(
+            'target_modules must be "all-linear" or a list of module names',
+            param="tail.target_modules",
+        )
+
+
+def base_num_layers(base: BaseModel | None) -> int:
+    """The base's decoder layers (its fingerprint's ``num_layers``); 0 when unknown."""
+    layers = (base.fingerprint if base else {}).get("num_layers")
+    return layers if isinstance(layers, int) and not isinstance(layers, bool) else 0
+
+
+def base_linear_shapes(base: BaseModel | None) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each decoder-layer linear a tail may adapt.
+
+    Read from the base folder's ``config.json`` (Llama-family names); without it, a
+    Llama-shaped guess from the fingerprint's width (full attention, an MLP 8/3 as wide).
+    """
+    hidden = int((base.fingerprint if base else {}).get("hidden_size") or 576)
+    config: dict[str, Any] = {}
+    if base is not None and base.path:
+        with contextlib.suppress(OSError, ValueError):
+            config = json.loads((Path(base.path) / "config.json").read_text())
+    hidden = int(config.get("hidden_size") or hidden)
+    inner = int(config.get("intermediate_size") or round(hidden * 8 / 3))
+    heads = int(config.get("num_attention_heads") or 1)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    kv = int(config.get("num_key_value_heads") or heads) * head_dim
+    attention = heads * head_dim
+    return {
+        "q_proj": (hidden, attention),
+        "k_proj": (hidden, kv),
+        "v_proj": (hidden, kv),
+        "o_proj": (attention, hidden),
+        "gate_proj": (hidden, inner),
+        "up_proj": (hidden, inner),
+        "down_proj": (inner, hidden),
+    }
+
+
+def tail_parameters(options: Mapping[str, Any], base: BaseModel | None) -> int:
+    """LoRA's trained parameters: depth × Σ over target modules of rank × (in + out)."""
+    shapes = base_linear_shapes(base)
+    per_layer = sum(int(options["rank"]) * sum(shapes[m]) for m in options["target_modules"])
+    return int(options["depth"]) * per_layer
+
+
+def _check_tail_size(options: Mapping[str, Any], base: BaseModel) -> None:
+    """The carry-on's ceiling, for the same reason: a worker (and the cache) must hold it."""
+    estimate = tail_parameters(options, base)
+    limit = min(
+        int(settings.CARRY_ON["MAX_CARRY_ON_PARAMETERS"]),
+        int(settings.CARRY_ON["SERVING_ADAPTER_CACHE_BYTES"]) // 4,
+    )
+    if estimate > limit:
+        raise ApplicationError(
+            f"this tail would have about {estimate:,} parameters; the limit is {limit:,}",
+            param="tail",
+            code="tail_too_large",
+        )
 
 
 def resolve_default_taps(base: BaseModel | None) -> tuple[int, ...]:
@@ -303,7 +512,11 @@ def _check_carry_on_size(options: Mapping[str, Any], base: BaseModel | None) -> 
     )
     blocks = int(options["n_blocks"]) * (4 + 3 * float(options["mlp_ratio"])) * d * d
     estimate = int(blocks + (len(options["taps"]) + 2) * hidden * d)
-    limit = int(settings.CARRY_ON["MAX_CARRY_ON_PARAMETERS"])
+    # It must also fit the serving cache (float32), or it could never be served.
+    limit = min(
+        int(settings.CARRY_ON["MAX_CARRY_ON_PARAMETERS"]),
+        int(settings.CARRY_ON["SERVING_ADAPTER_CACHE_BYTES"]) // 4,
+    )
     if estimate > limit:
         raise ApplicationError(
             f"this carry-on would have about {estimate:,} parameters; the limit is {limit:,}",
@@ -402,6 +615,7 @@ def job_retry(*, job: FineTuningJob) -> FineTuningJob:
             worker="",
             heartbeat_at=None,
             attempts=0,
+            requeues=0,
             finished_at=None,
         )
         if not moved:

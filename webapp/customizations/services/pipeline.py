@@ -21,13 +21,12 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from webapp.core.exceptions import ApplicationError
-from webapp.core.utils import data_path
+from webapp.core.utils import data_path, remove_artifact
 from webapp.customizations.models import Adapter, Checkpoint, FeatureSet, FineTuningJob
 from webapp.customizations.services.base_models import base_tokenizer
-from webapp.customizations.services.files import file_read
+from webapp.customizations.services.files import feature_scope, file_read
 from webapp.customizations.services.jobs import (
     AUTO_HYPERPARAMETERS,
-    BASE_LEARNING_RATE,
     enqueue_stage,
     job_event_create,
     job_model_name,
@@ -77,6 +76,7 @@ def job_claim(*, job_id: str, stage: str, worker: str) -> FineTuningJob | None:
         "heartbeat_at": now,
         "updated_at": now,
         "attempts": Case(When(worker=worker, then=F("attempts")), default=F("attempts") + 1),
+        "requeues": 0,
     }
     if stage != VALIDATING:
         values.update(status=Status.RUNNING, started_at=Coalesce(F("started_at"), Value(now)))
@@ -158,30 +158,53 @@ def job_sweep_unclaimed() -> list[str]:
     process died between the commit and the send. A duplicate is harmless: claims are
     conditional, so a second delivery finds nothing to do. One sweeper wins per job (the
     conditional UPDATE of ``updated_at``), and a job is sent again at most once per period.
+    A job sent MAX_REQUEUES times that no worker took fails with ``no_worker_available``
+    rather than wait forever (no worker consumes its queue).
     """
     now = timezone.now()
     cutoff = now - timedelta(seconds=int(settings.CARRY_ON["REQUEUE_AFTER"]))
+    limit = int(settings.CARRY_ON["MAX_REQUEUES"])
     waiting = FineTuningJob.objects.filter(
         status__in=[Status.VALIDATING_FILES, Status.QUEUED, Status.RUNNING],
         worker="",
         updated_at__lt=cutoff,
-    ).values_list("pk", "status", "stage", "updated_at")
+    ).values_list("pk", "status", "stage", "updated_at", "requeues")
     sent: list[str] = []
-    for job_id, status, stage, updated_at in list(waiting):
+    for job_id, status, stage, updated_at, requeues in list(waiting):
         if status != Status.VALIDATING_FILES and not stage:
             continue
+        stage = VALIDATING if status == Status.VALIDATING_FILES else stage
         with transaction.atomic():
             if not FineTuningJob.objects.filter(
                 pk=job_id, worker="", status=status, updated_at=updated_at
-            ).update(updated_at=now):
+            ).update(updated_at=now, requeues=F("requeues") + 1):
                 continue
-            enqueue_stage(
-                job_id=job_id, stage=VALIDATING if status == Status.VALIDATING_FILES else stage
-            )
+            if requeues >= limit:
+                _fail_unclaimed(job_id, stage, requeues)
+                continue
+            enqueue_stage(job_id=job_id, stage=stage)
         sent.append(job_id)
     if sent:
         logger.warning("sent again the tasks of unclaimed jobs: %s", ", ".join(sent))
     return sent
+
+
+QUEUE_OF_STAGE = {VALIDATING: "default", Stage.EXTRACTING: "embed", Stage.TRAINING: "train"}
+
+
+def _fail_unclaimed(job_id: str, stage: str, sends: int) -> None:
+    job = FineTuningJob.objects.get(pk=job_id)
+    waited = int(settings.CARRY_ON["REQUEUE_AFTER"]) * (sends + 1)
+    job_fail(
+        job=job,
+        worker="",
+        code="no_worker_available",
+        message=(
+            f"No worker took the {stage} stage of this job in {waited} s ({sends + 1} sends); "
+            f"no worker seems to consume the {QUEUE_OF_STAGE.get(stage, stage)!r} queue. "
+            "Retry the job once one runs."
+        ),
+    )
 
 
 # -- the plan: splits, configs, feature keys ------------------------------------------------------
@@ -208,20 +231,61 @@ def job_splits(job: FineTuningJob) -> JobSplits:
     except DatasetFormatError as exc:
         exc.param = "training_file"
         raise
+    # Features are cached per owner: a cache hit on another user's upload of the same
+    # bytes would tell this user that someone else has their data (events, timing).
+    owner = feature_scope(job.owner_id)
     if job.validation_file is not None:
         try:
             valid = load_dataset(file_read(file=job.validation_file))
         except DatasetFormatError as exc:
             exc.param = "validation_file"
             raise
-        return JobSplits(examples, valid, train_file.sha256, job.validation_file.sha256)
+        return JobSplits(
+            examples,
+            valid,
+            f"{train_file.sha256}:{owner}",
+            f"{job.validation_file.sha256}:{owner}",
+        )
     train, valid = split_examples(
         examples, valid_fraction=VALID_FRACTION, seed=SPLIT_SEED, max_valid=MAX_VALID_EXAMPLES
     )
     split = f"{VALID_FRACTION}:{MAX_VALID_EXAMPLES}:{SPLIT_SEED}"
     return JobSplits(
-        train, valid, f"{train_file.sha256}:train:{split}", f"{train_file.sha256}:valid:{split}"
+        train,
+        valid,
+        f"{train_file.sha256}:{owner}:train:{split}",
+        f"{train_file.sha256}:{owner}:valid:{split}",
     )
+
+
+def job_options_field(job: FineTuningJob) -> str:
+    """The job field holding its adapter's options: ``carry_on`` or ``tail``."""
+    return "tail" if job.kind == "tail" else "carry_on"
+
+
+def job_options(job: FineTuningJob) -> dict[str, Any]:
+    """The adapter's options (shape, feature and training extras) of either kind."""
+    options: dict[str, Any] = getattr(job, job_options_field(job))
+    return options
+
+
+def job_tail_config(job: FineTuningJob) -> Any:
+    from customization.config import TailConfig
+
+    options = job.tail
+    return TailConfig(
+        depth=int(options["depth"]),
+        rank=int(options["rank"]),
+        alpha=float(options["alpha"]),
+        target_modules=tuple(options["target_modules"]),
+        dropout=float(options["dropout"]),
+        num_layers=int(job.base.fingerprint["num_layers"]),
+    )
+
+
+def job_adapter_config(job: FineTuningJob) -> Any:
+    """The job's CarryOnConfig or TailConfig."""
+    return job_tail_config(job) if job.kind == "tail" else job_carry_on_config(job)
 
 
 def job_carry_on_config(job: FineTuningJob) -> Any:
@@ -243,25 +307,33 @@ def job_carry_on_config(job: FineTuningJob) -> Any:
 def job_feature_config(job: FineTuningJob) -> Any:
     from customization.config import FeatureConfig
 
+    options = job_options(job)
+    if job.kind == "tail":  # one state: the input of the tail's first layer
+        taps, include_final = (job_tail_config(job).first_layer,), False
+    else:
+        taps, include_final = tuple(options["taps"]), True
     return FeatureConfig(
-        taps=tuple(job.carry_on["taps"]),
-        max_length=int(job.carry_on["max_length"]),
-        storage_dtype=job.carry_on["storage_dtype"],
+        taps=taps,
+        max_length=int(options["max_length"]),
+        storage_dtype=options["storage_dtype"],
+        include_final=include_final,
     )
 
 
 def job_training_config(job: FineTuningJob) -> Any:
     """The resolved TrainingConfig (after validation replaced every "auto")."""
     from customization.config import TrainingConfig
+    from customization.presets import base_learning_rate
 
-    hp = job.hyperparameters
+    hp, options = job.hyperparameters, job_options(job)
     return TrainingConfig(
         epochs=int(hp["n_epochs"]),
         batch_size=int(hp["batch_size"]),
-        learning_rate=BASE_LEARNING_RATE * float(hp["learning_rate_multiplier"]),
+        learning_rate=base_learning_rate(job.kind, job.preset)  # type: ignore[arg-type]
+        * float(hp["learning_rate_multiplier"]),
         seed=int(job.seed),
-        checkpoint_every=int(job.carry_on["checkpoint_every"]),
-        early_stopping_patience=int(job.carry_on["early_stopping_patience"]),
+        checkpoint_every=int(options["checkpoint_every"]),
+        early_stopping_patience=int(options["early_stopping_patience"]),
     )
 
 
@@ -278,8 +350,10 @@ def _resolve(job: FineTuningJob, splits: JobSplits) -> tuple[dict[str, Any], dic
     """Replace every "auto" by a number, from the data."""
     from customization.errors import DatasetFormatError
 
-    options = dict(job.carry_on)
-    limit = int(settings.CARRY_ON["MAX_EXAMPLE_TOKENS"])
+    options = dict(job_options(job))
+    limit = min(
+        int(settings.CARRY_ON["MAX_EXAMPLE_TOKENS"]), int(settings.CARRY_ON["MAX_LENGTH_CAP"])
+    )
     max_length = limit if options["max_length"] == "auto" else int(options["max_length"])
     lengths = []
     for examples, param in ((splits.train, "training_file"), (splits.valid, "validation_file")):
@@ -335,7 +409,8 @@ def job_validate_files(*, job: FineTuningJob, worker: str) -> None:
     """
     splits = job_splits(job)
     hyperparameters, options = _resolve(job, splits)
-    job.hyperparameters, job.carry_on = hyperparameters, options
+    job.hyperparameters = hyperparameters
+    setattr(job, job_options_field(job), options)
     config = job_feature_config(job)
     with transaction.atomic():
         train_fs = _feature_set(job, splits.train_digest, config)
@@ -351,9 +426,9 @@ def job_validate_files(*, job: FineTuningJob, worker: str) -> None:
             heartbeat_at=None,
             attempts=0,
             hyperparameters=hyperparameters,
-            carry_on=options,
             train_features=train_fs,
             valid_features=valid_fs,
+            **{job_options_field(job): options},
         )
         if not moved:
             return
@@ -427,8 +502,23 @@ def job_record_progress(
     )
 
 
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinity replaced by None.
+
+    JSON has no NaN: PostgreSQL refuses the whole row, and a reader (the loss curve)
+    would have to guard every number. A diverged run is reported by its error instead.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(item) for item in value]
+    return value
+
+
 def job_record_metrics(*, job: FineTuningJob, data: dict[str, Any], message: str) -> None:
-    job_event_create(job=job, type="metrics", message=message, data=data)
+    job_event_create(job=job, type="metrics", message=message, data=finite_json(data))
 
 
 def job_training_resumed(*, job: FineTuningJob, step: int, worker: str = "") -> None:
@@ -456,9 +546,30 @@ def checkpoint_record(
     checkpoint, _ = Checkpoint.objects.update_or_create(
         job=job,
         step=step,
-        defaults={"path": relative, "sha256": sha256, "bytes": nbytes, "metrics": metrics},
+        defaults={
+            "path": relative,
+            "sha256": sha256,
+            "bytes": nbytes,
+            "metrics": finite_json(metrics),
+        },
     )
+    _prune_checkpoints(job)
     return checkpoint
+
+
+def _prune_checkpoints(job: FineTuningJob) -> None:
+    """Keep the newest KEEP_CHECKPOINTS checkpoints (0: all); delete the rest, files too.
+
+    More than one is kept: a newest checkpoint found damaged on resume is skipped for the
+    one before it.
+    """
+    keep = int(settings.CARRY_ON["KEEP_CHECKPOINTS"])
+    if keep <= 0:
+        return
+    old = list(job.checkpoints.order_by("-step")[keep:])
+    for checkpoint in old:
+        checkpoint.delete()
+        remove_artifact(checkpoint.path)
 
 
 def job_succeed(
@@ -493,7 +604,10 @@ def job_succeed(
             sha256=sha256,
             bytes=nbytes,
             n_parameters=n_parameters,
-            metrics=metrics,
+            metrics=finite_json(metrics),
+            kind=job.kind,
+            preset=job.preset,
+            depth=int(job.tail["depth"]) if job.kind == "tail" else None,
         )
         job_event_create(job=job, message=f"New fine-tuned model created: {adapter.name}")
         job_event_create(job=job, message="The job has successfully completed")

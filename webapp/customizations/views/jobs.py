@@ -14,7 +14,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from webapp.core.exceptions import ApplicationError
 from webapp.customizations import selectors
 from webapp.customizations.charts import loss_curve_svg
-from webapp.customizations.estimates import duration_text, file_job_estimate
+from webapp.customizations.estimates import duration_text, file_job_estimate, preset_estimates
 from webapp.customizations.forms import EstimateQuery, JobCreateForm
 from webapp.customizations.models import FineTuningJob
 from webapp.customizations.services.jobs import CANCELLABLE, job_cancel, job_create, job_retry
@@ -56,6 +56,8 @@ def _job_form(request: HttpRequest, form: JobCreateForm) -> HttpResponse:
                 validation_file=form.cleaned_data["validation_file"] or None,
                 hyperparameters=form.hyperparameters(),
                 carry_on=form.carry_on(),
+                preset=form.preset_name(),
+                tail=form.tail(),
                 suffix=form.cleaned_data["suffix"] or None,
                 seed=form.cleaned_data["seed"],
             )
@@ -67,9 +69,19 @@ def _job_form(request: HttpRequest, form: JobCreateForm) -> HttpResponse:
     selected = form["training_file"].value()
     file = form.files.get(str(selected)) if selected else None
     base = form.bases.get(str(form["model"].value() or ""))
+    estimates = preset_estimates(file=file, base=base)
+    preset = str(form["preset"].value() or "")
+    if preset in estimates:
+        estimate = estimates[preset]
+    else:
+        estimate = file_job_estimate(file=file, base=base) if file else None
     context = {
         "form": form,
-        "estimate": file_job_estimate(file=file, base=base) if file else None,
+        "estimate": estimate,
+        "presets": [
+            (radio, summary, kind, estimates.get(str(radio.data["value"])))
+            for radio, summary, kind in form.preset_options()
+        ],
         "has_files": bool(form.files),
     }
     return render(request, "customizations/finetuningjob_form.html", context, status=status)
@@ -86,16 +98,26 @@ def job_estimate(request: HttpRequest) -> JsonResponse:
     file = get_or_404(lambda: selectors.file_get(user=request.user, file_id=data["training_file"]))
     bases = selectors.base_model_list()
     base = bases.filter(name=data["model"]).first() if data["model"] else None
+    base = base or selectors.base_model_default()
+    kind, depth = query.adapter_kind()
     estimate = file_job_estimate(
         file=file,
-        base=base or selectors.base_model_default(),
+        base=base,
         epochs=data["n_epochs"],
         d_model=data["d_model"],
         n_blocks=data["n_blocks"],
+        kind=kind,
+        depth=depth,
     )
+    presets = {
+        name: each.text if each else None
+        for name, each in preset_estimates(file=file, base=base, epochs=data["n_epochs"]).items()
+    }
     if estimate is None:
-        return JsonResponse({"seconds": None, "text": None})
-    return JsonResponse({"seconds": round(estimate.seconds, 2), "text": estimate.text})
+        return JsonResponse({"seconds": None, "text": None, "presets": presets})
+    return JsonResponse(
+        {"seconds": round(estimate.seconds, 2), "text": estimate.text, "presets": presets}
+    )
 
 
 @login_required
@@ -108,10 +130,22 @@ def job_detail(request: HttpRequest, job_id: str) -> HttpResponse:
 @login_required
 @require_GET
 def job_live(request: HttpRequest, job_id: str) -> JsonResponse:
-    """What the job page's script polls: the state and the curve and log, rendered."""
-    page = get_or_404(lambda: selectors.job_page_get(user=request.user, job_id=job_id))
+    """What the job page's script polls: the state and the curve and log, rendered.
+
+    ``?after=<seq>`` (the ``last_seq`` of the previous answer): only the log rows added
+    since then come back, as ``event_rows_html``, instead of the whole log.
+    """
+    after = _after_seq(request)
+    page = get_or_404(
+        lambda: selectors.job_page_get(user=request.user, job_id=job_id, after_seq=after)
+    )
     context = _job_context(page)
     job = page.job
+    last_seq = max([after or 0, *(event.seq for event in page.events)])
+    if after is None:
+        events = {"events_html": render_to_string(_EVENTS, context, request)}
+    else:
+        events = {"event_rows_html": render_to_string(_EVENT_ROWS, context, request)}
     return JsonResponse(
         {
             "status": job.status,
@@ -126,10 +160,20 @@ def job_live(request: HttpRequest, job_id: str) -> JsonResponse:
             "elapsed": context["elapsed"],
             "curve_points": len(page.curve.points),
             "curve_html": render_to_string("customizations/_loss_curve.html", context, request),
-            "events_html": render_to_string("customizations/_job_events.html", context, request),
+            "last_seq": last_seq,
+            **events,
         },
         headers={"cache-control": "no-store"},
     )
+
+
+_EVENTS = "customizations/_job_events.html"
+_EVENT_ROWS = "customizations/_job_event_rows.html"
+
+
+def _after_seq(request: HttpRequest) -> int | None:
+    value = request.GET.get("after", "")
+    return int(value) if value.isdigit() and len(value) <= 20 else None
 
 
 def _job_context(page: selectors.JobPage) -> dict[str, Any]:

@@ -151,8 +151,28 @@
     var field = function (name) { return $(root, '[data-field="' + name + '"]'); };
     var curve = $(root, '[data-region="curve"]');
     var events = $(root, '[data-region="events"]');
-    var last = { curve: null, events: null, status: root.getAttribute("data-status") };
+    var last = { curve: null, status: root.getAttribute("data-status") };
+    // The log is read incrementally: only rows after the newest seq shown come back.
+    var after = root.getAttribute("data-last-seq") || null;
     var delay = 1500;
+    var MAX_ROWS = 200;
+
+    function addRows(html) {
+      var body = events.querySelector("tbody");
+      if (!body) { after = null; return; } // no table yet: the next poll sends it whole
+      var holder = document.createElement("tbody");
+      holder.innerHTML = html;
+      var rows = Array.prototype.slice.call(holder.children).reverse(); // oldest first
+      rows.forEach(function (row) {
+        var seq = row.getAttribute("data-seq");
+        if (body.querySelector('tr[data-seq="' + seq + '"]')) return; // seen (overlap)
+        var before = Array.prototype.find.call(body.children, function (other) {
+          return Number(other.getAttribute("data-seq")) < Number(seq);
+        });
+        body.insertBefore(row, before || null);
+      });
+      while (body.children.length > MAX_ROWS) body.removeChild(body.lastElementChild);
+    }
 
     function apply(state) {
       var badge = field("status");
@@ -168,7 +188,9 @@
       var elapsed = field("elapsed");
       if (elapsed) elapsed.textContent = state.elapsed || "";
       if (state.curve_html !== last.curve) { curve.innerHTML = state.curve_html; last.curve = state.curve_html; }
-      if (state.events_html !== last.events) { events.innerHTML = state.events_html; last.events = state.events_html; }
+      if (state.events_html !== undefined) events.innerHTML = state.events_html;
+      else if (state.event_rows_html) addRows(state.event_rows_html);
+      if (after !== null || state.events_html !== undefined) after = String(state.last_seq);
       $all(root, "form[data-when]").forEach(function (form) {
         form.hidden = !state[form.getAttribute("data-when")];
       });
@@ -176,7 +198,8 @@
     }
 
     function poll() {
-      fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
+      var query = after !== null ? "?after=" + encodeURIComponent(after) : "";
+      fetch(url + query, { credentials: "same-origin", headers: { Accept: "application/json" } })
         .then(function (response) {
           if (!response.ok) throw new Error("HTTP " + response.status);
           return response.json();
@@ -201,8 +224,22 @@
   function initEstimate(form) {
     var url = form.getAttribute("data-estimate-url");
     var output = document.getElementById("estimate");
-    var names = ["training_file", "model", "n_epochs", "d_model", "n_blocks"];
+    var names = ["training_file", "model", "n_epochs", "d_model", "n_blocks", "preset", "kind", "depth"];
     var pending = null;
+
+    // Only the chosen kind's size fields show (a preset's kind, or Custom's kind field).
+    function showKind() {
+      var preset = form.elements["preset"] ? form.elements["preset"].value : "";
+      var chosen = preset && form.querySelector('input[name="preset"][value="' + preset + '"]');
+      var kind = chosen ? chosen.closest(".preset-option").getAttribute("data-kind") : "";
+      var custom = !preset || preset === "custom";
+      if (custom) kind = form.elements["kind"] ? form.elements["kind"].value : "carry_on";
+      $all(form, "fieldset[data-kind]").forEach(function (set) {
+        // A field with an error stays in view, so the message can be read and fixed.
+        set.hidden = set.getAttribute("data-kind") !== kind && !set.querySelector(".has-error");
+      });
+      $all(form, "[data-when-custom]").forEach(function (el) { el.hidden = !custom; });
+    }
 
     function refresh() {
       var query = new URLSearchParams();
@@ -213,16 +250,31 @@
       if (!query.get("training_file")) { output.textContent = "choose a dataset"; return; }
       fetch(url + "?" + query.toString(), { credentials: "same-origin" })
         .then(function (response) { return response.json(); })
-        .then(function (body) { output.textContent = body.text || "unknown (the dataset's tokens were not counted)"; })
+        .then(function (body) {
+          output.textContent = body.text || "unknown (the dataset's tokens were not counted)";
+          Object.keys(body.presets || {}).forEach(function (name) {
+            var span = document.getElementById("estimate-" + name);
+            if (span && body.presets[name]) span.textContent = body.presets[name];
+          });
+        })
         .catch(function () { /* keep the last estimate */ });
     }
     names.forEach(function (name) {
       var element = form.elements[name];
       if (!element) return;
-      var handler = function () { window.clearTimeout(pending); pending = window.setTimeout(refresh, 250); };
-      element.addEventListener("change", handler);
-      element.addEventListener("input", handler);
+      var handler = function () {
+        showKind();
+        window.clearTimeout(pending);
+        pending = window.setTimeout(refresh, 250);
+      };
+      // A group of radio buttons is a RadioNodeList: listen on each button.
+      var targets = element.addEventListener ? [element] : Array.prototype.slice.call(element);
+      targets.forEach(function (target) {
+        target.addEventListener("change", handler);
+        target.addEventListener("input", handler);
+      });
     });
+    showKind();
   }
 
   /* -- playground: streamed chat ------------------------------------------------------- */

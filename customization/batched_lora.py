@@ -1,0 +1,124 @@
+"""Many tails in one decode batch: the base's matmuls once, each row's LoRA delta gathered.
+
+The serving base's linear layers are wrapped once (``install``). Before each forward the
+decoder says which tail each row uses (``RowTails.use``); a wrapped layer then computes the
+base's own product for the whole batch, and for the rows whose tail covers this layer adds
+
+    delta[rows] = ((x[rows] @ A_stacked) @ B_stacked) * scaling[rows]     (n, T, out)
+
+as two batched matmuls over the gathered rows: the per-row gather of Punica's BGMV and
+S-LoRA, in plain torch. Rows on the base or on a carry-on are not touched at all (their
+output is the base's, bit for bit), and a layer no row's tail covers costs one attribute
+check. Ranks may differ between tails: the stacks are zero-padded to the largest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from customization.config import ALL_LINEAR
+from customization.tail import TailAdapter
+
+# (row indices (n,), A (n, in, r), B (n, r, out), scaling (n, 1, 1))
+Plan = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class LoraCounters:
+    """Work done for tails, for tests and metrics."""
+
+    delta_products: int = 0  # batched (A, B) product pairs run, one per layer and module
+    tail_rows: int = 0  # rows on a tail, summed over forwards
+
+
+class RowTails:
+    """Which tail each row of the current forward uses, and the stacked weights per layer."""
+
+    def __init__(self, counters: LoraCounters | None = None):
+        self.counters = counters if counters is not None else LoraCounters()
+        self._tails: list[TailAdapter | None] = []
+        self._plans: dict[tuple[int, str], Plan | None] = {}
+
+    def use(self, tails: Sequence[TailAdapter | None]) -> None:
+        self._tails = list(tails)
+        self._plans = {}
+        self.counters.tail_rows += sum(t is not None for t in tails)
+
+    def clear(self) -> None:
+        self._tails, self._plans = [], {}
+
+    @property
+    def active(self) -> bool:
+        return any(t is not None for t in self._tails)
+
+    def plan(self, layer: int, name: str, device: torch.device) -> Plan | None:
+        key = (layer, name)
+        if key not in self._plans:
+            self._plans[key] = self._stack(layer, name, device)
+        return self._plans[key]
+
+    def _stack(self, layer: int, name: str, device: torch.device) -> Plan | None:
+        rows = [
+            (row, tail)
+            for row, tail in enumerate(self._tails)
+            if tail is not None and (layer, name) in tail.weights
+        ]
+        if not rows:
+            return None
+        rank = max(tail.weights[(layer, name)][0].shape[0] for _, tail in rows)
+        a_list, b_list = [], []
+        for _, tail in rows:
+            a, b = tail.weights[(layer, name)]  # (r, in), (out, r)
+            pad = rank - a.shape[0]
+            a_list.append(nn.functional.pad(a.T, (0, pad)))  # (in, R)
+            b_list.append(nn.functional.pad(b.T, (0, 0, 0, pad)))  # (R, out)
+        index = torch.tensor([row for row, _ in rows], device=device)
+        scaling = torch.tensor([tail.scaling for _, tail in rows], device=device)
+        self.counters.delta_products += 1
+        return index, torch.stack(a_list), torch.stack(b_list), scaling.view(-1, 1, 1)
+
+
+class BatchedLoraLinear(nn.Module):
+    """A base linear layer plus the per-row LoRA deltas ``RowTails`` plans for it."""
+
+    wraps_linear = True  # customization.tail unwraps it when copying a served base's layers
+
+    def __init__(self, base: nn.Linear, layer: int, name: str, rows: RowTails):
+        super().__init__()
+        self.base = base
+        self.layer = layer
+        self.name = name
+        self.rows = rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.base(x)  # (B, T, out)
+        if not self.rows.active:
+            return y
+        plan = self.rows.plan(self.layer, self.name, x.device)
+        if plan is None:
+            return y
+        index, a, b, scaling = plan
+        picked = x.index_select(0, index).to(a.dtype)  # (n, T, in)
+        delta = torch.bmm(torch.bmm(picked, a), b) * scaling  # (n, T, out)
+        return y.index_add(0, index, delta.to(y.dtype))
+
+
+def install(model: nn.Module, counters: LoraCounters | None = None) -> RowTails:
+    """Wrap every LoRA-targetable linear of the decoder's layers once; idempotent."""
+    existing = getattr(model, "_carry_on_row_tails", None)
+    if isinstance(existing, RowTails):
+        return existing
+    rows = RowTails(counters)
+    layers = model.get_decoder().layers  # type: ignore[operator]
+    for index, layer in enumerate(layers):
+        for name, module in list(layer.named_modules()):
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in ALL_LINEAR:
+                parent_name, _, child = name.rpartition(".")
+                parent = layer.get_submodule(parent_name) if parent_name else layer
+                setattr(parent, child, BatchedLoraLinear(module, index, name, rows))
+    model._carry_on_row_tails = rows  # type: ignore[assignment]
+    return rows
