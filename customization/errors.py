@@ -95,6 +95,12 @@ class TrainingCancelled(CustomizationError):
     code = "cancelled"
 
 
+class TrainingDivergedError(CustomizationError):
+    """The training loss became NaN or infinite: the run cannot recover from it."""
+
+    code = "training_diverged"
+
+
 class EngineOverloaded(CustomizationError):
     """The serving engine's queue is full; the caller should retry later."""
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,31 @@ import pytest
 from django.conf import settings
 
 pytest_plugins = ["tests.helpers.celery_workers", "tests.helpers.servers"]
+
+# Tests that need a real service; under CARRY_ON_REQUIRE_SERVICES=1 (.ci/run) a skip of one
+# of them, whatever its reason, is a failure.
+SERVICE_MARKERS = ("integration", "browser")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    from tests.helpers.services import REQUIRE_ENV, services_required
+
+    if services_required() and not os.environ.get("DATABASE_URL", "").startswith("postgres"):
+        raise pytest.UsageError(f"{REQUIRE_ENV}=1 needs DATABASE_URL=postgres://...")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    from tests.helpers.services import REQUIRE_ENV, services_required
+
+    outcome = yield
+    report = outcome.get_result()
+    if not (report.skipped and services_required()) or hasattr(report, "wasxfail"):
+        return
+    if any(item.get_closest_marker(name) for name in SERVICE_MARKERS):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped under {REQUIRE_ENV}=1 (must run in CI): {reason}"
 
 
 @pytest.fixture

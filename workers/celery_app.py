@@ -7,7 +7,9 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings.local")
+# Like webapp/wsgi.py: a worker started without settings runs on the production ones (and
+# refuses to start without a secret key), never on the local ones with DEBUG on.
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings.production")
 
 app = Celery("carry_on_studio")
 app.config_from_object("django.conf:settings", namespace="CELERY")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -19,6 +20,7 @@ from django.db import connection
 
 from webapp.customizations.models import FineTuningJob
 from webapp.customizations.services.pipeline import (
+    job_heartbeat,
     job_record_progress,
     job_sweep_stale,
     job_sweep_unclaimed,
@@ -26,7 +28,9 @@ from webapp.customizations.services.pipeline import (
 from webapp.serving.runtime import device, load_base, warm_up
 
 __all__ = [
+    "ClaimKeeper",
     "Heartbeat",
+    "adapter_path",
     "device",
     "latest_checkpoint_step",
     "load_base",
@@ -44,16 +48,21 @@ def worker_identity(request: Any) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{getattr(request, 'id', None) or 'direct'}"
 
 
-def latest_checkpoint_step(folder: Path) -> int | None:
-    """Step of the newest complete checkpoint (its trainer state JSON is written last)."""
-    from customization.training import TRAINER_STATE
+def adapter_path(job_id: str) -> str:
+    """Where this attempt writes the job's adapter (relative to DATA_DIR).
 
-    steps = [
-        int(path.name.split("-")[1])
-        for path in folder.glob("step-*")
-        if (path / f"{TRAINER_STATE}.json").is_file()
-    ]
-    return max(steps) if steps else None
+    Unique per attempt: a worker that lost its claim (stalled, then taken over) and
+    removes what it wrote can never remove the adapter the winner registered.
+    """
+    return f"adapters/{job_id}-{secrets.token_hex(6)}"
+
+
+def latest_checkpoint_step(folder: Path) -> int | None:
+    """Step of the checkpoint training will resume from: the newest complete, intact one."""
+    from customization.training import latest_checkpoint
+
+    latest = latest_checkpoint(folder)
+    return int(latest.name.split("-")[1]) if latest is not None else None
 
 
 class Heartbeat:
@@ -96,6 +105,51 @@ class Heartbeat:
     def should_stop(self) -> bool:
         self.beat()
         return self.stopped
+
+
+class ClaimKeeper(threading.Thread):
+    """Refreshes a claim from a background thread for the whole life of a task.
+
+    Progress callbacks (``Heartbeat``) stop at the work that has none: validating,
+    loading the base, tokenizing, loading features, saving. This thread keeps
+    ``heartbeat_at`` fresh meanwhile, so only a worker that is really gone (killed,
+    frozen, machine lost) is taken over. ``lost`` is set once the claim is gone
+    (cancelled, finished, or taken over after a stall), and the thread then ends.
+    """
+
+    def __init__(self, job_id: str, worker: str):
+        super().__init__(name=f"carry-on-claim-{job_id}", daemon=True)
+        self.job_id = job_id
+        self.worker = worker
+        timeout = float(settings.CARRY_ON["HEARTBEAT_TIMEOUT"])
+        interval = float(settings.CARRY_ON["HEARTBEAT_INTERVAL"])
+        # Several beats per timeout, however the interval is set (0 in some tests).
+        self.interval = min(max(interval, 0.1), timeout / 4)
+        self.lost = threading.Event()
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self._stop_event.wait(self.interval):
+                try:
+                    alive = job_heartbeat(job_id=self.job_id, worker=self.worker)
+                except Exception:  # a database blip: the next beat tries again
+                    logger.warning("heartbeat of %s failed; retrying", self.job_id, exc_info=True)
+                    connection.close()
+                    continue
+                if not alive:
+                    self.lost.set()
+                    return
+        finally:
+            connection.close()  # this thread's own connection
+
+    def __enter__(self) -> ClaimKeeper:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop_event.set()
+        self.join(timeout=30)
 
 
 class Sweeper(threading.Thread):

@@ -1,7 +1,8 @@
 """Headless Chromium (Debian's package, driven by Playwright) against pytest-django's live server.
 
 No browser is ever downloaded: Playwright launches /usr/bin/chromium (``.ci/run`` installs
-it with apt when missing). Where it is absent the browser tests skip, saying so.
+it with apt when missing). Where it is absent the browser tests skip, saying so (fail under
+CARRY_ON_REQUIRE_SERVICES=1, as in CI).
 
 Screenshots of every page go to ``test-artifacts/screenshots/`` (ignored by git), so a
 reviewer can look at what the tests saw.
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.helpers.services import service_missing
 
 CHROMIUM = Path(os.environ.get("CARRY_ON_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -44,8 +47,13 @@ def browser() -> Iterator[Any]:
     are plain synchronous calls, so the guard is lifted for exactly that time.
     """
     if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium); .ci/run installs it")
-    sync_api = pytest.importorskip("playwright.sync_api")
+        service_missing(
+            f"{CHROMIUM} is not installed (apt-get install chromium); .ci/run installs it"
+        )
+    try:
+        from playwright import sync_api
+    except ImportError:
+        service_missing("playwright is not installed (pip install -e '.[dev]')")
     with pytest.MonkeyPatch.context() as patch, sync_api.sync_playwright() as playwright:
         patch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)

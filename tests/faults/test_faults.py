@@ -29,6 +29,7 @@ from tests.factories import FileFactory, FineTuningJobFactory, UserFactory
 from tests.helpers.carry_on_kit import toy_jsonl
 from tests.helpers.celery_workers import Workers
 from tests.helpers.servers import StudioServer, TcpProxy
+from tests.helpers.services import service_missing
 from webapp.accounts.services import api_key_create
 from webapp.core.utils import data_path
 from webapp.customizations.models import Adapter, FeatureSet, FineTuningJob
@@ -63,8 +64,9 @@ def test_an_embed_worker_killed_during_extraction_is_replaced_and_the_job_comple
     tiny_base_model: Any, workers: Callable[..., Workers]
 ) -> None:
     """SIGKILL mid-extraction: the job stays running, then a new worker redoes it to the end."""
-    # A heartbeat timeout with room for tokenizing the data (no heartbeat during it).
-    pool = workers(CARRY_ON_HEARTBEAT_TIMEOUT="10", CARRY_ON_HEARTBEAT_INTERVAL="0.5")
+    # The claim keeper beats through tokenizing too, so a short timeout only ever catches
+    # the killed worker (test_claims.py shows a long silent stage is not taken over).
+    pool = workers(**QUICK)
     pool.start("embed", "default,embed")
     pool.start("train", "train")
     user = UserFactory()
@@ -110,7 +112,7 @@ def _network_broker() -> tuple[str, str, int]:
     url = os.environ.get("CARRY_ON_TEST_BROKER_URL", "")
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "amqp", "pyamqp") or not parts.hostname:
-        pytest.skip("needs a network broker in CARRY_ON_TEST_BROKER_URL (CI uses Redis)")
+        service_missing("needs a network broker in CARRY_ON_TEST_BROKER_URL (CI uses Redis)")
     default_port = 6379 if parts.scheme == "redis" else 5672
     return url, parts.hostname, parts.port or default_port
 
@@ -189,7 +191,7 @@ def _restart_postgres() -> None:
     ctl = shutil.which("pg_ctlcluster")
     clusters = sorted(os.listdir("/etc/postgresql")) if os.path.isdir("/etc/postgresql") else []
     if ctl is None or not clusters:
-        pytest.skip("pg_ctlcluster is not available to restart PostgreSQL")
+        service_missing("pg_ctlcluster is not available to restart PostgreSQL")
     subprocess.run(
         [ctl, "--skip-systemctl-redirect", clusters[-1], "main", "restart"],
         check=True, timeout=120, capture_output=True,
@@ -202,7 +204,7 @@ def test_the_service_recovers_from_a_database_restart_without_being_restarted(
     """PostgreSQL restarted under load: requests get 200 or a clear 503, never a 500 or a
     dropped connection, and once it is back every request succeeds on the same server."""
     if connection.vendor != "postgresql":
-        pytest.skip("needs PostgreSQL (CI runs the suite on it)")
+        service_missing("needs PostgreSQL (CI runs the suite on it)")
     server = studio_server(DATABASE_CONN_MAX_AGE="600", workers=1, threads=4)
     headers = _bearer(UserFactory())
     session = requests.Session()

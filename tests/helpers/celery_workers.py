@@ -21,6 +21,7 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
+from tests.helpers.services import service_missing, services_required
 from workers.celery_app import app
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,6 +44,8 @@ def _database_url() -> str:
 def broker(tmp_path: Path) -> Iterator[dict[str, str]]:
     """Point this process's Celery app at the test broker; yield the workers' environment."""
     url = os.environ.get("CARRY_ON_TEST_BROKER_URL", "")
+    if not url and services_required():
+        service_missing("the integration workers need CARRY_ON_TEST_BROKER_URL (CI uses Redis)")
     env = {"CELERY_BROKER_URL": url or "filesystem://"}
     if url.startswith("redis"):
         options: dict[str, Any] = {"visibility_timeout": 3600}

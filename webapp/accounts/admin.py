@@ -28,7 +28,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         # create_user command or, later, the API-keys page.
         return False
 
-    @admin.action(description="Revoke selected API keys")
+    @admin.action(description="Revoke selected API keys", permissions=["change"])
     def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
         for key in queryset:
             api_key_revoke(api_key=key)

@@ -6,6 +6,7 @@ import hashlib
 import secrets
 from datetime import timedelta
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -49,7 +50,20 @@ def user_create(
 
 @transaction.atomic
 def api_key_create(*, user: User, name: str = "") -> tuple[ApiKey, str]:
-    """Create a key; returns the record and the raw key, which is never stored or shown again."""
+    """Create a key; returns the record and the raw key, which is never stored or shown again.
+
+    A user holds at most MAX_API_KEYS_PER_USER active keys (the row lock counts racing
+    requests one after the other), so keys cannot multiply the per-key rate limit.
+    """
+    limit = int(settings.CARRY_ON["MAX_API_KEYS_PER_USER"])
+    User.objects.select_for_update().filter(pk=user.pk).first()
+    if ApiKey.objects.filter(user=user, revoked_at__isnull=True).count() >= limit:
+        raise ApplicationError(
+            f"You have {limit} active API keys, the most allowed "
+            "(CARRY_ON_MAX_API_KEYS_PER_USER). Revoke one you no longer use.",
+            status=403,
+            code="api_keys_quota_exceeded",
+        )
     raw = KEY_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey.objects.create(
         user=user, name=name[:100], prefix=raw[:PREFIX_LENGTH], hashed_key=hash_api_key(raw)

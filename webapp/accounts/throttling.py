@@ -1,18 +1,29 @@
 """Log-in throttling: repeated failures lock further attempts out for a while.
 
-Failures are counted in the cache (shared by every web process when CARRY_ON_CACHE_URL
-points at Redis) per (username, client address), and per client address for any username
-with a limit ten times higher, so neither guessing one password nor spraying many
-usernames from one address goes far. A lockout lasts LOGIN_LOCKOUT_SECONDS from the first
-failure of its window; a successful log-in clears its (username, address) counter.
+Attempts are counted in the cache (shared by every web process when CARRY_ON_CACHE_URL
+points at Redis) per (username, client address), per client address for any username (a
+limit ten times higher), and per username from any address (LOGIN_MAX_FAILURES_PER_USERNAME),
+so neither guessing one password, nor spraying usernames from one address, nor guessing
+one password from many addresses goes far. A lockout lasts LOGIN_LOCKOUT_SECONDS from the
+first attempt of its window.
+
+Counting is atomic: an attempt *reserves* its place (``cache.incr``, one atomic INCR in
+Redis) before the password is checked, and one whose place is past a limit is refused
+unchecked. However many attempts arrive at once, on however many processes, exactly the
+limit are ever checked. A successful log-in gives its places back (and clears its
+(username, address) counter), so log-ins that succeed never lock anyone out.
 
 Every log-in path is covered: ``LoginThrottleBackend`` (first in AUTHENTICATION_BACKENDS)
-refuses any authentication attempt while locked out, which covers the admin's log-in too,
+reserves and refuses for any authentication attempt, which covers the admin's log-in too,
 and ``ThrottledLoginView`` answers the browser's sign-in form with a clear 429 page.
+
+django-axes was considered: it checks and then counts in two steps, so a parallel burst
+gets more than the limit of guesses checked, which is the very thing this must prevent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
@@ -20,7 +31,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.forms import AuthenticationForm
-from django.contrib.auth.signals import user_logged_in, user_login_failed
+from django.contrib.auth.signals import user_logged_in
 from django.contrib.auth.views import LoginView
 from django.core.cache import cache
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -48,15 +59,39 @@ def client_address(request: HttpRequest | None) -> str:
 
 
 def _counters(request: HttpRequest | None, username: str) -> list[tuple[str, int]]:
-    """(cache key prefix, failure limit) of each counter an attempt belongs to."""
-    limit = int(settings.CARRY_ON["LOGIN_MAX_FAILURES"])
+    """(cache key prefix, attempt limit) of each counter an attempt belongs to; the first is
+    the (username, address) one."""
+    options = settings.CARRY_ON
+    limit = int(options["LOGIN_MAX_FAILURES"])
     address = client_address(request)
-    who = hashlib.sha256(f"{username.strip().lower()}|{address}".encode()).hexdigest()[:32]
+    name = username.strip().lower()
+    who = hashlib.sha256(f"{name}|{address}".encode()).hexdigest()[:32]
     where = hashlib.sha256(address.encode()).hexdigest()[:32]
+    whom = hashlib.sha256(name.encode()).hexdigest()[:32]
     return [
-        (f"login-fail:user:{who}", limit),
-        (f"login-fail:addr:{where}", limit * PER_ADDRESS_FACTOR),
+        (f"login:pair:{who}", limit),
+        (f"login:addr:{where}", limit * PER_ADDRESS_FACTOR),
+        (f"login:user:{whom}", int(options["LOGIN_MAX_FAILURES_PER_USERNAME"])),
     ]
+
+
+def _window_start(key: str, *, start: bool) -> float | None:
+    """When the counter's current window began; with ``start``, begin one if there is none.
+    Windows expire with the cache entry; the check against ``_now`` also ends one whose
+    entry outlived it (a clock that moved, a test)."""
+    window = int(settings.CARRY_ON["LOGIN_LOCKOUT_SECONDS"])
+    since = cache.get(f"{key}:t")
+    if since is not None and _now() - since >= window:
+        cache.delete(f"{key}:t")
+        since = None
+    if since is None and start:
+        cache.add(f"{key}:t", _now(), timeout=window)  # atomic: one racer's start wins
+        since = cache.get(f"{key}:t")
+    return since
+
+
+def _count_key(key: str, since: float) -> str:
+    return f"{key}:n:{since:.6f}"
 
 
 def login_lockout(request: HttpRequest | None, username: str) -> int | None:
@@ -64,39 +99,45 @@ def login_lockout(request: HttpRequest | None, username: str) -> int | None:
     window = int(settings.CARRY_ON["LOGIN_LOCKOUT_SECONDS"])
     waits = []
     for key, limit in _counters(request, username):
-        values = cache.get_many([f"{key}:n", f"{key}:t"])
-        count, since = values.get(f"{key}:n") or 0, values.get(f"{key}:t")
-        if since is None or count < limit:
+        since = _window_start(key, start=False)
+        if since is None or (cache.get(_count_key(key, since)) or 0) < limit:
             continue
-        left = since + window - _now()
-        if left > 0:
-            waits.append(math.ceil(left))
+        waits.append(max(1, math.ceil(since + window - _now())))
     return max(waits) if waits else None
 
 
-def login_failed(request: HttpRequest | None, username: str) -> None:
+def login_reserve(request: HttpRequest | None, username: str) -> int | None:
+    """Count one attempt in every counter, atomically; returns the seconds to wait when the
+    attempt is past a limit (it must then be refused unchecked), else None."""
     window = int(settings.CARRY_ON["LOGIN_LOCKOUT_SECONDS"])
-    for key, _ in _counters(request, username):
-        since = cache.get(f"{key}:t")
-        if since is None or _now() - since >= window:  # a new window starts here
-            cache.set_many({f"{key}:t": _now(), f"{key}:n": 0}, timeout=window)
-        cache.add(f"{key}:n", 0, timeout=window)
+    over = []
+    for key, limit in _counters(request, username):
+        since = _window_start(key, start=True) or _now()
+        count_key = _count_key(key, since)
+        cache.add(count_key, 0, timeout=window)
         try:
-            cache.incr(f"{key}:n")
+            count = int(cache.incr(count_key))
         except ValueError:  # expired between add and incr
-            cache.set(f"{key}:n", 1, timeout=window)
+            cache.set(count_key, 1, timeout=window)
+            count = 1
+        if count > limit:
+            over.append(max(1, math.ceil(since + window - _now())))
+    return max(over) if over else None
 
 
 def login_succeeded(request: HttpRequest | None, username: str) -> None:
-    key, _ = _counters(request, username)[0]
-    cache.delete_many([f"{key}:n", f"{key}:t"])
-
-
-@receiver(user_login_failed)
-def _on_login_failed(
-    sender: Any, credentials: dict[str, Any], request: Any = None, **_: Any
-) -> None:
-    login_failed(request, str(credentials.get("username") or ""))
+    """Clear the (username, address) counter; give the attempt's place back to the others."""
+    (pair, _), *others = _counters(request, username)
+    since = _window_start(pair, start=False)
+    if since is not None:
+        cache.delete_many([f"{pair}:t", _count_key(pair, since)])
+    if not getattr(request, "login_reserved", False):
+        return  # a log-in without a password check (sign-up): it took no place
+    for key, _ in others:
+        since = _window_start(key, start=False)
+        if since is not None:
+            with contextlib.suppress(ValueError):  # the window ended meanwhile
+                cache.decr(_count_key(key, since))
 
 
 @receiver(user_logged_in)
@@ -105,36 +146,50 @@ def _on_logged_in(sender: Any, request: Any, user: Any, **_: Any) -> None:
 
 
 class LoginThrottleBackend:
-    """Refuses every authentication attempt of a locked-out (username, address).
+    """Reserves a place for every authentication attempt; refuses one past a limit.
 
-    It authenticates no one itself: when not locked out it steps aside (None) and the next
-    backend decides. PermissionDenied stops Django from asking the other backends.
+    It authenticates no one itself: when within the limits it steps aside (None) and the next
+    backend decides. PermissionDenied stops Django from asking the other backends; the wait
+    is left on the request for the sign-in form to report.
     """
 
     def authenticate(
         self, request: HttpRequest | None, username: str | None = None, **_: Any
     ) -> None:
-        if username is not None and login_lockout(request, username):
+        if username is None:
+            return None
+        wait = login_reserve(request, username)
+        if request is not None:
+            request.login_reserved = True  # type: ignore[attr-defined]
+        if wait is not None:
+            if request is not None:
+                request.login_lockout_seconds = wait  # type: ignore[attr-defined]
             raise PermissionDenied("too many failed log-in attempts")
         return None
 
-    def get_user(self, user_id: Any) -> None:
-        return None
+    # No get_user: this backend never logs anyone in, and without one Django's force_login
+    # and session loading pass it by for the backend that did.
 
 
 class ThrottledAuthenticationForm(AuthenticationForm):
-    """Django's sign-in form; while locked out it refuses before trying (or counting) a log-in."""
+    """Django's sign-in form; a locked-out attempt is refused with the wait named."""
 
     def clean(self) -> dict[str, Any]:
         wait = login_lockout(self.request, str(self.data.get("username", "")))
-        if wait is not None:
-            self.lockout_seconds = wait
-            minutes = max(1, math.ceil(wait / 60))
-            raise ValidationError(
-                f"Too many failed sign-in attempts. Try again in {minutes} minute(s).",
-                code="locked_out",
-            )
-        return super().clean()
+        if wait is None:
+            try:
+                return super().clean()
+            except ValidationError:
+                # Refused by the backend (past a limit), or simply the wrong password.
+                wait = getattr(self.request, "login_lockout_seconds", None)
+                if wait is None:
+                    raise
+        self.lockout_seconds = wait
+        minutes = max(1, math.ceil(wait / 60))
+        raise ValidationError(
+            f"Too many failed sign-in attempts. Try again in {minutes} minute(s).",
+            code="locked_out",
+        )
 
 
 class ThrottledLoginView(LoginView):

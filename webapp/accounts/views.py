@@ -18,7 +18,9 @@ from django.views.decorators.http import require_http_methods, require_POST
 from webapp.accounts import selectors
 from webapp.accounts.forms import ApiKeyCreateForm, SignupForm
 from webapp.accounts.services import api_key_create, api_key_revoke, user_create
+from webapp.accounts.throttling import client_address
 from webapp.core.exceptions import ApplicationError, NotFoundError
+from webapp.core.ratelimits import Window
 
 
 def signup_enabled() -> bool:
@@ -31,6 +33,21 @@ def signup(request: HttpRequest) -> HttpResponse:
         raise Http404("Sign-up is not enabled on this server.")
     if request.user.is_authenticated:
         return redirect("dashboard")
+    if request.method == "POST":
+        window = Window(
+            f"signup:{client_address(request)}",
+            int(settings.CARRY_ON["SIGNUPS_PER_HOUR"]),
+            seconds=3600,
+        )
+        if not window.hit():
+            response = HttpResponse(
+                "Too many sign-ups from this address (CARRY_ON_SIGNUPS_PER_HOUR); "
+                f"try again in {window.reset_in} seconds.",
+                status=429,
+                content_type="text/plain; charset=utf-8",
+            )
+            response["Retry-After"] = str(window.reset_in)
+            return response
     form = SignupForm(*_bound(request))
     if request.method == "POST" and form.is_valid():
         try:
@@ -57,12 +74,16 @@ def api_key_list(request: HttpRequest) -> HttpResponse:
     new_key = None
     status = 200
     if request.method == "POST":
-        if form.is_valid():
-            key, raw = api_key_create(user=request.user, name=form.cleaned_data["name"])
-            new_key = {"record": key, "raw": raw}
-            form = ApiKeyCreateForm()
-        else:
-            status = 400
+        try:
+            if not form.is_valid():
+                status = 400
+            else:
+                key, raw = api_key_create(user=request.user, name=form.cleaned_data["name"])
+                new_key = {"record": key, "raw": raw}
+                form = ApiKeyCreateForm()
+        except ApplicationError as exc:  # e.g. the key quota
+            form.add_error(None, exc.message)
+            status = exc.status
     keys = selectors.api_key_list(user=request.user)
     response = render(
         request,

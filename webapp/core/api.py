@@ -9,14 +9,11 @@ and every response carries ``x-ratelimit-*`` headers for the caller's key.
 from __future__ import annotations
 
 import logging
-import math
 import re
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from django.conf import settings
-from django.core.cache import cache
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.db import InterfaceError, OperationalError
 from django.db.models import Model, QuerySet
@@ -32,6 +29,7 @@ from rest_framework.views import APIView
 
 from webapp.accounts.authentication import ApiKeyAuthentication
 from webapp.core.exceptions import ApplicationError
+from webapp.core.ratelimits import Window, route_scope, user_identity, user_rate_limit_hit
 
 logger = logging.getLogger(__name__)
 
@@ -241,31 +239,22 @@ def _check_json(data: Any) -> None:
 class RateLimit:
     """A fixed one-minute window per API key (or session user), shared through the cache."""
 
-    window = 60
-
     def __init__(self, request: Request):
         # Named by what never repeats (a key's hash, a user's join time), not by row ids,
         # which a restored or recreated database hands out again.
-        auth, user = request.auth, request.user
-        hashed = getattr(auth, "hashed_key", "")
-        joined = user.date_joined.timestamp() if getattr(user, "date_joined", None) else 0
-        self.identity = f"key:{hashed[:24]}" if hashed else f"user:{user.pk}:{joined:.6f}"
-        self.limit = int(settings.CARRY_ON["RATE_LIMIT_PER_MINUTE"])
-        now = time.time()
-        self.window_start = math.floor(now / self.window) * self.window
-        self.reset_in = max(1, math.ceil(self.window_start + self.window - now))
-        self.count = 0
+        hashed = getattr(request.auth, "hashed_key", "")
+        identity = f"key:{hashed[:24]}" if hashed else user_identity(request.user)
+        self.window = Window(identity, int(settings.CARRY_ON["RATE_LIMIT_PER_MINUTE"]))
+        self.limit = self.window.limit
+        self.reset_in = self.window.reset_in
+
+    @property
+    def count(self) -> int:
+        return self.window.count
 
     def hit(self) -> bool:
         """Count this request; False when it is over the limit."""
-        key = f"ratelimit:{self.identity}:{self.window_start}"
-        cache.add(key, 0, timeout=self.window + 5)
-        try:
-            self.count = int(cache.incr(key))
-        except ValueError:  # expired between add and incr
-            cache.set(key, 1, timeout=self.window + 5)
-            self.count = 1
-        return self.count <= self.limit
+        return self.window.hit()
 
     def headers(self) -> dict[str, str]:
         return {
@@ -317,6 +306,12 @@ class ApiView(APIView):
         request.rate_limit = limit  # type: ignore[attr-defined]
         if not limit.hit():
             raise RateLimitExceeded(limit)
+        # Per user too, whatever key it comes with: all calls, then the costly ones.
+        user_rate_limit_hit(user=request.user, scope="requests")
+        match = request.resolver_match
+        scope = route_scope(match.url_name if match else None, request.method or "")
+        if scope is not None:
+            user_rate_limit_hit(user=request.user, scope=scope)
 
     def finalize_response(
         self, request: Request, response: HttpResponse, *args: Any, **kwargs: Any

@@ -27,6 +27,20 @@ SERIES = (
 )
 
 
+def _finite(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The points without NaN or infinite values (a diverged run), which have no place."""
+    kept = []
+    for point in points:
+        clean = {
+            key: value
+            for key, value in point.items()
+            if key == "step" or (isinstance(value, int | float) and math.isfinite(value))
+        }
+        if any(key in clean for key, *_ in SERIES):
+            kept.append(clean)
+    return kept
+
+
 def _thin(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     if len(points) <= MAX_POINTS:
         return list(points)
@@ -67,7 +81,7 @@ def loss_curve_svg(
     ``total_steps`` fixes the x axis to the whole run, so a curve drawn mid-training grows
     from the left instead of being stretched to the width.
     """
-    points = _thin(points)
+    points = _thin(_finite(points))
     values = [p[key] for p in points for key, *_ in SERIES if key in p]
     if not points or not values:
         return mark_safe("")

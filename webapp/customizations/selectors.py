@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
+from django.core.cache import cache
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
@@ -81,16 +82,52 @@ class LossCurve:
 def job_curve(*, job: FineTuningJob) -> LossCurve:
     """(step, train_loss[, valid_loss]) points from the job's metrics events, by step."""
     points: dict[int, dict[str, Any]] = {}
-    total_steps: int | None = None
-    for data in job.events.filter(type=JobEvent.Type.METRICS).values_list("data", flat=True):
+    total_steps = _add_points(points, job.events.filter(type=JobEvent.Type.METRICS), None)[0]
+    return LossCurve([points[step] for step in sorted(points)], total_steps)
+
+
+def _add_points(
+    points: dict[int, dict[str, Any]], events: QuerySet[JobEvent], total_steps: int | None
+) -> tuple[int | None, int]:
+    """Merge metrics events into ``points`` (by step); the total steps and the last seq."""
+    last_seq = 0
+    for seq, data in events.values_list("seq", "data"):
+        last_seq = max(last_seq, seq)
         if not isinstance(data, dict) or "step" not in data:
             continue
         point = points.setdefault(int(data["step"]), {"step": int(data["step"])})
         for key in ("train_loss", "valid_loss"):
-            if data.get(key) is not None:
+            if isinstance(data.get(key), int | float):
                 point[key] = float(data[key])
         if isinstance(data.get("total_steps"), int):
             total_steps = max(total_steps or 0, data["total_steps"])
+    return total_steps, last_seq
+
+
+# Events of one job come from one worker at a time and the web process (cancel), with
+# seq taken from each one's clock: a read "after seq" looks this far back, so an event
+# committed a little out of order is still found (readers merge by seq or by step).
+SEQ_OVERLAP_NS = 30 * 10**9
+
+
+def job_curve_live(*, job: FineTuningJob) -> LossCurve:
+    """``job_curve``, reading only the metrics events added since the last call.
+
+    The points so far are cached per job (in the shared cache where there is one) and
+    keyed by ``updated_at``, which a claim or a transition changes: a resumed run, whose
+    replayed steps replace the ones after its checkpoint, starts from a full read.
+    """
+    key = f"carry-on:curve:{job.pk}:{job.updated_at.timestamp()}"
+    cached = cache.get(key)
+    points: dict[int, dict[str, Any]] = {}
+    total_steps, after = None, None
+    if cached is not None:
+        points, total_steps, after = cached
+    events = job.events.filter(type=JobEvent.Type.METRICS)
+    if after is not None:
+        events = events.filter(seq__gt=after - SEQ_OVERLAP_NS)
+    total_steps, last_seq = _add_points(points, events, total_steps)
+    cache.set(key, (points, total_steps, max(last_seq, after or 0)), timeout=3600)
     return LossCurve([points[step] for step in sorted(points)], total_steps)
 
 
@@ -187,6 +224,7 @@ RECENT = 5
 EVENTS_SHOWN = 200
 PREVIEW_EXAMPLES = 3
 PREVIEW_LINES = 50
+PREVIEW_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -228,12 +266,18 @@ class JobPage:
     eta_seconds: float | None
 
 
-def job_page_get(*, user: User, job_id: str) -> JobPage:
+def job_page_get(*, user: User, job_id: str, after_seq: int | None = None) -> JobPage:
+    """The job page; with ``after_seq`` (what the page already shows) only newer events.
+
+    The live page polls every few seconds: it reads the events added since its last poll
+    (with SEQ_OVERLAP_NS of margin), and the curve from the cached points plus new ones.
+    """
     job = job_get(user=user, job_id=job_id)
     # The log: messages and per-epoch summaries; per-step metrics are drawn, not listed.
-    events = job.events.filter(
-        Q(type=JobEvent.Type.MESSAGE) | Q(data__has_key="epoch_train_loss")
-    ).order_by("-seq")[:EVENTS_SHOWN]
+    events = job.events.filter(Q(type=JobEvent.Type.MESSAGE) | Q(data__has_key="epoch_train_loss"))
+    if after_seq is not None:
+        events = events.filter(seq__gt=after_seq - SEQ_OVERLAP_NS)
+    events = events.order_by("-seq")[:EVENTS_SHOWN]
     elapsed = eta = None
     if job.started_at is not None:
         end = job.finished_at or timezone.now()
@@ -243,7 +287,7 @@ def job_page_get(*, user: User, job_id: str) -> JobPage:
             eta = elapsed * (1 - job.progress) / job.progress
     return JobPage(
         job=job,
-        curve=job_curve(job=job),
+        curve=job_curve_live(job=job),
         events=list(events),
         checkpoints=list(job.checkpoints.order_by("step")),
         elapsed_seconds=elapsed,
@@ -258,22 +302,15 @@ def file_preview(*, file: File, limit: int = PREVIEW_EXAMPLES) -> list[dict[str,
     """
     from customization.datasets import parse_dataset
     from webapp.customizations.services.base_models import base_tokenizer
-    from webapp.customizations.services.files import file_read
+    from webapp.customizations.services.files import file_open
 
     try:
-        data = file_read(file=file)
+        head = _file_head(file_open(file=file))
         base = base_model_default()
         tokenizer = base_tokenizer(base) if base is not None else None
     except ApplicationError:
         return []
-    # Only the head of the file: the preview must not parse a large upload on every view.
-    end = 0
-    for _ in range(PREVIEW_LINES):
-        newline = data.find(b"\n", end)
-        end = len(data) if newline < 0 else newline + 1
-        if newline < 0:
-            break
-    parsed = parse_dataset(data[:end])
+    parsed = parse_dataset(head)
     preview = []
     for example in parsed.examples[:limit]:
         rendered = None
@@ -281,6 +318,23 @@ def file_preview(*, file: File, limit: int = PREVIEW_EXAMPLES) -> list[dict[str,
             rendered = tokenizer.render(example.messages, add_generation_prompt=False)
         preview.append({"line": example.line, "messages": example.messages, "rendered": rendered})
     return preview
+
+
+def _file_head(handle: BinaryIO) -> bytes:
+    """The first PREVIEW_LINES whole lines (at most PREVIEW_BYTES): the preview must not
+    read, let alone parse, a large upload on every view."""
+    lines = []
+    with handle:
+        budget = PREVIEW_BYTES
+        for _ in range(PREVIEW_LINES):
+            line = handle.readline(budget + 1)
+            if not line or len(line) > budget:  # the end, or a line past the budget
+                break
+            lines.append(line)
+            budget -= len(line)
+            if not line.endswith(b"\n"):
+                break
+    return b"".join(lines)
 
 
 @dataclass(frozen=True)

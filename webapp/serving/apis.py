@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import secrets
+import select
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
 
-from django.http import StreamingHttpResponse
+from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from customization.config import MAX_STOP_CHARS
 from webapp.core.api import ApiView, ErrorSerializer, error_body
 from webapp.serving.services import ChatRequest, SubmittedChat, chat_completion_submit
 
@@ -119,6 +122,10 @@ class ChatCompletionInputSerializer(serializers.Serializer):
             raise serializers.ValidationError("stop must be a string or a list of strings")
         if len(stops) > 4:
             raise serializers.ValidationError("stop takes at most 4 sequences")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise serializers.ValidationError(
+                f"each stop sequence may be at most {MAX_STOP_CHARS} characters"
+            )
         return stops
 
     def validate_top_p(self, value: float) -> float:
@@ -233,6 +240,46 @@ def _usage(completion: Any) -> dict[str, int]:
     }
 
 
+# How often a non-streamed completion checks that its client is still there.
+_DISCONNECT_CHECK_SECONDS = 0.1
+
+
+def _client_gone(connection: socket.socket) -> bool:
+    """The peer closed the connection: readable, and a peek reads end-of-file."""
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+        if not readable:
+            return False
+        return connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):  # reset by the peer, or already closed
+        return True
+
+
+def _collect_while_connected(
+    completion: Any, connection: socket.socket | None
+) -> list[tuple[str, str]] | None:
+    """(text, finish_reason) per choice; None when the client left first, after cancelling,
+    so its sequences leave the batch at the next step instead of decoding to the end.
+
+    The connection is the client's socket, which gunicorn hands over as
+    ``environ["gunicorn.socket"]``; without one (another server) it decodes to the end.
+    """
+    texts, reasons = [""] * completion.n, [""] * completion.n
+    checked = time.monotonic() - _DISCONNECT_CHECK_SECONDS  # check at the first event
+    for event in completion.events():
+        texts[event.index] += event.text
+        if event.finish_reason is not None:
+            reasons[event.index] = event.finish_reason
+        if connection is not None and time.monotonic() - checked >= _DISCONNECT_CHECK_SECONDS:
+            checked = time.monotonic()
+            if _client_gone(connection):
+                completion.cancel()
+                return None
+    return list(zip(texts, reasons, strict=True))
+
+
 class ChatCompletionCreateApi(ApiView):
     @extend_schema(
         operation_id="createChatCompletion",
@@ -250,7 +297,7 @@ class ChatCompletionCreateApi(ApiView):
             **{status: ErrorSerializer for status in (400, 401, 404, 413, 429, 500, 503)},
         },
     )
-    def post(self, request: Request) -> Response | StreamingHttpResponse:
+    def post(self, request: Request) -> Response | StreamingHttpResponse | HttpResponse:
         serializer = ChatCompletionInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
@@ -276,7 +323,11 @@ class ChatCompletionCreateApi(ApiView):
             response["cache-control"] = "no-cache"
             response["x-accel-buffering"] = "no"
             return response
-        results = submitted.completion.result()
+        results = _collect_while_connected(
+            submitted.completion, request.META.get("gunicorn.socket")
+        )
+        if results is None:  # nobody is left to answer; the engine has dropped the work
+            return HttpResponse(status=499)
         return Response(
             {
                 "id": completion_id,

@@ -8,7 +8,9 @@ request is submitted to the process's serving engine, which batches it with othe
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from django.conf import settings
@@ -24,6 +26,80 @@ class EngineBusyError(ApplicationError):
     status = 429
     type = "requests"
     retry_after = 1
+
+
+class _UserSlots:
+    """Choices each user has waiting or decoding in this process's engine.
+
+    A user holds at most SERVING_MAX_PER_USER of the engine's SERVING_MAX_PENDING slots, so
+    one user's burst (with any number of keys) leaves room for everyone else.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[Any, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, user: Any, n: int) -> None:
+        limit = int(settings.CARRY_ON["SERVING_MAX_PER_USER"])
+        if n > limit:  # could never be admitted: not worth a retry
+            raise ApplicationError(
+                f"n may be at most {limit} on this server (CARRY_ON_SERVING_MAX_PER_USER)",
+                param="n",
+            )
+        with self._lock:
+            held = self._held.get(user.pk, 0)
+            if held + n > limit:
+                raise EngineBusyError(
+                    f"You have {held} chat completion choices in flight on this server, and "
+                    f"one user may have {limit} (CARRY_ON_SERVING_MAX_PER_USER); retry when "
+                    "one has finished.",
+                    code="user_concurrency_limit",
+                )
+            self._held[user.pk] = held + n
+
+    def give_back(self, user_pk: Any, n: int) -> None:
+        with self._lock:
+            left = self._held.get(user_pk, 0) - n
+            if left > 0:
+                self._held[user_pk] = left
+            else:
+                self._held.pop(user_pk, None)
+
+    def held(self, user: Any) -> int:
+        with self._lock:
+            return self._held.get(user.pk, 0)
+
+
+user_slots = _UserSlots()
+
+
+class HeldCompletion:
+    """The engine's Completion, holding its user's slots until it ends: consumed to the end
+    (``events``/``result``), cancelled, or dropped unconsumed (garbage collected)."""
+
+    def __init__(self, completion: Any, user_pk: Any, n: int):
+        self._completion = completion
+        self._release = weakref.finalize(self, user_slots.give_back, user_pk, n)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._completion, name)
+
+    def events(self, timeout: float = 300.0) -> Iterator[Any]:
+        try:
+            yield from self._completion.events(timeout)
+        finally:
+            self._release()
+
+    def result(self, timeout: float = 300.0) -> list[tuple[str, str]]:
+        try:
+            results: list[tuple[str, str]] = self._completion.result(timeout)
+            return results
+        finally:
+            self._release()
+
+    def cancel(self) -> None:
+        self._completion.cancel()
+        self._release()
 
 
 @dataclasses.dataclass
@@ -80,9 +156,14 @@ def chat_completion_submit(*, user: User, request: ChatRequest) -> SubmittedChat
             frequency_penalty=request.frequency_penalty,
             presence_penalty=request.presence_penalty,
         )
-        completion = engine.submit(
-            model.base.name, prompt, config, adapter=_adapter_ref(model), n=request.n
-        )
+        user_slots.take(user, request.n)
+        try:
+            completion = engine.submit(
+                model.base.name, prompt, config, adapter=_adapter_ref(model), n=request.n
+            )
+        except BaseException:
+            user_slots.give_back(user.pk, request.n)
+            raise
     except EngineOverloaded as exc:
         raise EngineBusyError(exc.message, code="engine_overloaded") from exc
     except ContextLengthError as exc:
@@ -98,7 +179,7 @@ def chat_completion_submit(*, user: User, request: ChatRequest) -> SubmittedChat
         raise ApplicationError(exc.message, param=exc.param, code=exc.code) from exc
     except ValueError as exc:  # GenerationConfig's range checks
         raise ApplicationError(str(exc), code="invalid_value") from exc
-    return SubmittedChat(model=model, completion=completion)
+    return SubmittedChat(model=model, completion=HeldCompletion(completion, user.pk, request.n))
 
 
 def engine_counters(base_name: str) -> dict[str, int]:

@@ -49,12 +49,14 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "webapp.core.middleware.NullCharacterMiddleware",
-    "webapp.core.middleware.BodySizeLimitMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # after the session is known (nothing before it reads the body), before any view
+    "webapp.core.middleware.BodySizeLimitMiddleware",
+    "webapp.core.middleware.UserRateLimitMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -192,24 +194,58 @@ CARRY_ON = {
     # seconds after which a queued job that no worker has taken is sent to the broker again
     # (its message was lost: broker down when a stage was enqueued, or a crash right before)
     "REQUEUE_AFTER": int(os.environ.get("CARRY_ON_REQUEUE_AFTER", "900")),
-    # the largest carry-on a job may ask for (parameters), so no request can exhaust a worker
+    # sends of a job that no worker takes before it fails with no_worker_available
+    "MAX_REQUEUES": int(os.environ.get("CARRY_ON_MAX_REQUEUES", "4")),
+    # the largest carry-on a job may ask for (parameters), so no request can exhaust a worker;
+    # 32 M float32 parameters are 128 MB, a quarter of the default serving adapter cache
     "MAX_CARRY_ON_PARAMETERS": int(
-        os.environ.get("CARRY_ON_MAX_CARRY_ON_PARAMETERS", str(256 * 1024 * 1024))
+        os.environ.get("CARRY_ON_MAX_CARRY_ON_PARAMETERS", str(32 * 1024 * 1024))
     ),
     # the longest example (in tokens of the job's base) an upload or a job accepts
     "MAX_EXAMPLE_TOKENS": int(os.environ.get("CARRY_ON_MAX_EXAMPLE_TOKENS", "4096")),
+    # the largest carry_on.max_length a job may ask for (tokens)
+    "MAX_LENGTH_CAP": int(os.environ.get("CARRY_ON_MAX_LENGTH_CAP", "4096")),
+    # checkpoints kept per job (the newest ones; older ones are deleted as training goes)
+    "KEEP_CHECKPOINTS": int(os.environ.get("CARRY_ON_KEEP_CHECKPOINTS", "3")),
     # API requests per minute per key (429 with retry-after beyond it)
     "RATE_LIMIT_PER_MINUTE": int(os.environ.get("CARRY_ON_RATE_LIMIT_PER_MINUTE", "600")),
+    # Requests per minute per user, whatever key or session they come with (429 beyond):
+    # every /v1 call, and the costly actions, on the API and the pages alike (webapp/core/
+    # ratelimits.py maps each route to its scope).
+    "USER_RATE_LIMITS": {
+        "requests": int(os.environ.get("CARRY_ON_USER_REQUESTS_PER_MINUTE", "1200")),
+        "chat": int(os.environ.get("CARRY_ON_USER_CHATS_PER_MINUTE", "120")),
+        "uploads": int(os.environ.get("CARRY_ON_USER_UPLOADS_PER_MINUTE", "30")),
+        "jobs": int(os.environ.get("CARRY_ON_USER_JOBS_PER_MINUTE", "20")),
+        "live": int(os.environ.get("CARRY_ON_USER_LIVE_PER_MINUTE", "300")),
+    },
+    # Per-user quotas (a 4xx naming the quota beyond them)
+    "MAX_API_KEYS_PER_USER": int(os.environ.get("CARRY_ON_MAX_API_KEYS_PER_USER", "20")),
+    "MAX_ACTIVE_JOBS_PER_USER": int(os.environ.get("CARRY_ON_MAX_ACTIVE_JOBS_PER_USER", "16")),
+    "MAX_STORED_BYTES_PER_USER": int(
+        os.environ.get("CARRY_ON_MAX_STORED_BYTES_PER_USER", str(2 * 1024**3))
+    ),
     # browser log-in: this many failures for one username from one address (or 10x as many
-    # from one address for any usernames) lock further attempts out for LOGIN_LOCKOUT_SECONDS
+    # from one address for any usernames, or LOGIN_MAX_FAILURES_PER_USERNAME for one username
+    # from anywhere) lock further attempts out for LOGIN_LOCKOUT_SECONDS
     "LOGIN_MAX_FAILURES": int(os.environ.get("CARRY_ON_LOGIN_MAX_FAILURES", "5")),
+    "LOGIN_MAX_FAILURES_PER_USERNAME": int(
+        os.environ.get("CARRY_ON_LOGIN_MAX_FAILURES_PER_USERNAME", "50")
+    ),
     "LOGIN_LOCKOUT_SECONDS": int(os.environ.get("CARRY_ON_LOGIN_LOCKOUT_SECONDS", "900")),
+    # self-service sign-up attempts (form posts) per client address per hour (429 beyond)
+    "SIGNUPS_PER_HOUR": int(os.environ.get("CARRY_ON_SIGNUPS_PER_HOUR", "10")),
     # reverse proxies in front of the service that append to X-Forwarded-For (0: none, the
     # client address is REMOTE_ADDR); only these trusted hops are skipped
     "TRUSTED_PROXIES": int(os.environ.get("CARRY_ON_TRUSTED_PROXIES", "0")),
     # the serving engine of each web process
     "SERVING_MAX_BATCH": int(os.environ.get("CARRY_ON_SERVING_MAX_BATCH", "8")),
-    "SERVING_MAX_PENDING": int(os.environ.get("CARRY_ON_SERVING_MAX_PENDING", "32")),
+    # Sequences (choices) waiting or decoding; past it a chat gets 429. Keep it below the web
+    # server's threads per process (README: --threads 24), so the 429 comes before the
+    # threads run out and pages still answer while chats queue.
+    "SERVING_MAX_PENDING": int(os.environ.get("CARRY_ON_SERVING_MAX_PENDING", "16")),
+    # of which one user may hold at most this many (per web process)
+    "SERVING_MAX_PER_USER": int(os.environ.get("CARRY_ON_SERVING_MAX_PER_USER", "8")),
     "SERVING_ADAPTER_CACHE_BYTES": int(
         os.environ.get("CARRY_ON_SERVING_ADAPTER_CACHE_BYTES", str(512 * 1024 * 1024))
     ),

@@ -10,7 +10,14 @@ import os
 from django.core.exceptions import ImproperlyConfigured
 
 from webapp.settings.base import *  # noqa: F403
-from webapp.settings.base import CARRY_ON, SECRET_KEY, env_bool, env_list
+from webapp.settings.base import (
+    CACHES,
+    CELERY_BROKER_URL,
+    DATABASES,
+    SECRET_KEY,
+    env_bool,
+    env_list,
+)
 
 DEBUG = False
 if len(SECRET_KEY) < 50:
@@ -32,11 +39,32 @@ SESSION_COOKIE_SECURE = True
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_SECURE = True
 X_FRAME_OPTIONS = "DENY"
-# The proxy appends the client's address to X-Forwarded-For: trust that one hop (log-in
-# throttling counts per address); set CARRY_ON_TRUSTED_PROXIES to the real number of hops.
-CARRY_ON = {
-    **CARRY_ON,
-    "TRUSTED_PROXIES": int(os.environ.get("CARRY_ON_TRUSTED_PROXIES", "1")),
-}
+# Behind a proxy that appends the client's address to X-Forwarded-For, set
+# CARRY_ON_TRUSTED_PROXIES to the number of such hops (base.py; default 0: REMOTE_ADDR), or
+# every client could name its own address and escape the per-address log-in limits.
+
+# The embedded defaults are for one machine and one process: refuse them here unless the
+# operator says, in so many words, that this is what they want.
+_EMBEDDED = [
+    (
+        DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3",
+        "CARRY_ON_ALLOW_SQLITE",
+        "the database is SQLite; set DATABASE_URL=postgres://...",
+    ),
+    (
+        CELERY_BROKER_URL.startswith("filesystem://"),
+        "CARRY_ON_ALLOW_FILESYSTEM_BROKER",
+        "the Celery broker is the filesystem; set CELERY_BROKER_URL=redis://... or amqp://...",
+    ),
+    (
+        CACHES["default"]["BACKEND"].endswith("LocMemCache"),
+        "CARRY_ON_ALLOW_LOCAL_CACHE",
+        "the cache is per process (rate limits, quotas and log-in lockouts would not be "
+        "shared); set CARRY_ON_CACHE_URL=redis://...",
+    ),
+]
+for _embedded, _override, _why in _EMBEDDED:
+    if _embedded and not env_bool(_override, False):
+        raise ImproperlyConfigured(f"{_why} (or set {_override}=1 to run so anyway)")
 # Health checks from the load balancer come over plain HTTP.
 SECURE_REDIRECT_EXEMPT = [r"^healthz$"]

@@ -64,7 +64,14 @@ def fuzz_world(
     from tests.helpers.celery_workers import _forget_producers
     from workers.celery_app import app
 
-    settings.CARRY_ON = {**settings.CARRY_ON, "RATE_LIMIT_PER_MINUTE": 1_000_000}
+    unlimited = 1_000_000  # the limits and quotas have their own tests (test_user_limits.py)
+    settings.CARRY_ON = {
+        **settings.CARRY_ON,
+        "RATE_LIMIT_PER_MINUTE": unlimited,
+        "USER_RATE_LIMITS": dict.fromkeys(settings.CARRY_ON["USER_RATE_LIMITS"], unlimited),
+        "MAX_ACTIVE_JOBS_PER_USER": unlimited,
+        "MAX_STORED_BYTES_PER_USER": 2**62,
+    }
     # Requests go through the real WSGI handler, in this test's transaction: like Django's
     # test client, keep the handler from closing the connection at the end of each request.
     request_started.disconnect(close_old_connections)
@@ -117,11 +124,35 @@ def _steer(case: Any, data: st.DataObject, world: dict[str, Any]) -> None:
             body["max_tokens"] = MAX_TOKENS
         if isinstance(body.get("n"), int) and body["n"] > 2:
             body["n"] = 2
+        _hostile(data, body)
     elif operation == "createFineTuningJob":
         if "training_file" in body:
             body["training_file"] = _maybe(data, body["training_file"], world["file"])
         if "model" in body:
             body["model"] = _maybe(data, body["model"], ["lively"])
+
+
+def _hostile(data: st.DataObject, body: dict[str, Any]) -> None:
+    """Now and then, what costs the server most: 100,000-character stops (one, or a list),
+    the largest max_tokens and n, a deeply nested value where a plain one belongs."""
+    attack = data.draw(
+        st.sampled_from([None, None, "stop", "stops", "max_tokens", "n", "nested"]),
+        label="hostile",
+    )
+    if attack == "stop":
+        body["stop"] = "s" * 100_000
+    elif attack == "stops":
+        body["stop"] = ["ab" * 50_000] * 4
+    elif attack == "max_tokens":
+        body.pop("max_completion_tokens", None)
+        body["max_tokens"] = 1_000_000
+    elif attack == "n":
+        body["n"] = 8
+    elif attack == "nested":
+        nested: Any = "deep"
+        for _ in range(500):  # past MAX_JSON_DEPTH, within what json.dumps can write
+            nested = [nested]
+        body[data.draw(st.sampled_from(["messages", "stop", "metadata"]), label="where")] = nested
 
 
 @schema.parametrize()
@@ -139,3 +170,27 @@ def test_every_operation_holds_its_schema_and_never_fails(
     """No 5xx, documented statuses and content types, responses matching the schema."""
     _steer(case, data, fuzz_world)
     case.call_and_validate(headers={"Authorization": fuzz_world["authorization"]}, checks=CHECKS)
+
+
+def test_huge_nested_json_to_every_operation_is_a_client_error(
+    fuzz_world: dict[str, Any],
+) -> None:
+    """100,000 levels of nesting (far past Python's recursion limit), or 20,000 messages, in
+    the body of every POST operation: never a 5xx."""
+    from django.test import Client
+
+    client = Client(HTTP_AUTHORIZATION=fuzz_world["authorization"])
+    body = "[" * 100_000 + "]" * 100_000
+    wide = '{"messages": [' + ",".join(['{"role": "user", "content": "x"}'] * 20_000) + "]"
+    for operation in schema.get_all_operations():
+        operation = operation.ok()
+        if operation.method.upper() not in ("POST", "PUT", "PATCH"):
+            continue
+        path = operation.path.replace("{job_id}", fuzz_world["job"][0])
+        for payload in (body, wide + "}"):
+            response = client.generic(
+                operation.method.upper(), path, payload, content_type="application/json"
+            )
+            # cancel reads no body: it may succeed; the others refuse it
+            assert response.status_code < 500, (path, response.content[:300])
+            assert response.status_code != 404, path  # it reached the operation

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from django.conf import settings
 from django.db import transaction
@@ -15,6 +15,7 @@ from webapp.accounts.models import User
 from webapp.core.exceptions import ApplicationError, ConflictError, PayloadTooLargeError
 from webapp.core.utils import data_path, remove_artifact, write_bytes_atomic
 from webapp.customizations.models import BaseModel, FeatureSet, File, FineTuningJob
+from webapp.customizations.quotas import quota_check_storage
 from webapp.customizations.services.base_models import base_tokenizer
 
 PURPOSES = ("fine-tune",)
@@ -128,9 +129,11 @@ def file_create(
     )
     # The artifact first, then the row that points at it; an orphan is left to gc.
     relative = f"files/{file.id}.jsonl"
-    write_bytes_atomic(data_path(relative), data)
-    file.path = relative
-    file.save()
+    with transaction.atomic():  # the storage quota counts one upload of a user at a time
+        quota_check_storage(user=user, adding=len(data))
+        write_bytes_atomic(data_path(relative), data)
+        file.path = relative
+        file.save()
     return file
 
 
@@ -143,16 +146,33 @@ def _report_summary(report: dict[str, Any], shown: int = 5) -> str:
     return f"The file has {len(problems)} problem(s): {lines}{more}"
 
 
+def file_open(*, file: File) -> BinaryIO:
+    """The stored content, open for reading: for streaming it or reading its head."""
+    try:
+        return data_path(file.path).open("rb")
+    except (FileNotFoundError, ValueError):
+        raise _missing(file) from None
+
+
+def _missing(file: File) -> ApplicationError:
+    return ApplicationError(
+        f"the content of {file.id} is missing from storage",
+        code="file_missing",
+        status=500,
+        type="server_error",
+    )
+
+
 def file_read(*, file: File) -> bytes:
     try:
         return data_path(file.path).read_bytes()
     except (FileNotFoundError, ValueError):
-        raise ApplicationError(
-            f"the content of {file.id} is missing from storage",
-            code="file_missing",
-            status=500,
-            type="server_error",
-        ) from None
+        raise _missing(file) from None
+
+
+def feature_scope(owner_id: int) -> str:
+    """The part of a feature set's dataset digest that keeps it to one owner."""
+    return f"owner-{owner_id}"
 
 
 @transaction.atomic
@@ -169,12 +189,20 @@ def file_delete(*, file: File) -> None:
         raise ConflictError(
             f"{file.id} is used by an active fine-tuning job; cancel it first", code="file_in_use"
         )
-    path, sha = file.path, file.sha256
+    path, sha, owner = file.path, file.sha256, file.owner_id
     file.delete()
     removed: list[str] = [path]
+    # Hidden states are derived from the user's data: they go with the owner's last copy
+    # (features are cached per owner; unscoped ones of older versions with the last copy).
+    prefixes = (
+        []
+        if File.objects.filter(sha256=sha, owner_id=owner).exists()
+        else [f"{sha}:{feature_scope(owner)}"]
+    )
     if not File.objects.filter(sha256=sha).exists():
-        # Hidden states are derived from the user's data: they go with its last copy.
-        derived = FeatureSet.objects.filter(dataset_sha256__startswith=sha)
+        prefixes.append(sha)
+    for prefix in prefixes:
+        derived = FeatureSet.objects.filter(dataset_sha256__startswith=prefix)
         removed.extend(fs.path for fs in derived if fs.path)
         derived.delete()
     transaction.on_commit(lambda: [remove_artifact(p) for p in removed])

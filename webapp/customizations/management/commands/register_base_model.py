@@ -16,6 +16,7 @@ from webapp.customizations.management.commands._base_models import (
     register_folder,
 )
 from webapp.customizations.models import BaseModel
+from webapp.customizations.services.base_models import _NAME as BASE_MODEL_NAME
 
 
 class Command(BaseCommand):
@@ -49,16 +50,20 @@ class Command(BaseCommand):
 
     def _register(self, source: str, options: dict[str, Any]) -> BaseModel:
         path = Path(source).expanduser()
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise CommandError(f"{path} does not exist")
-            name = options["name"] or path.stem
-            folder, kind = prepare_gguf(path.resolve(), name), BaseModel.SourceType.GGUF
-        elif path.is_dir():
-            name = options["name"] or path.resolve().name
-            folder, kind = path.resolve(), BaseModel.SourceType.FOLDER
+        if path.suffix == ".gguf" or path.exists() or not _HUB_ID.match(source):
+            # A path: it must exist, and is never taken for a hub id when it does not.
+            if not path.exists():
+                raise CommandError(f"{path} does not exist (hub ids look like 'owner/name')")
+            if path.suffix == ".gguf" and path.is_file():
+                name = _checked_name(options["name"] or path.stem)
+                folder, kind = prepare_gguf(path.resolve(), name), BaseModel.SourceType.GGUF
+            elif path.is_dir():
+                name = _checked_name(options["name"] or path.resolve().name)
+                folder, kind = path.resolve(), BaseModel.SourceType.FOLDER
+            else:
+                raise CommandError(f"{path} is neither an HF folder nor a .gguf file")
         else:
-            name = options["name"] or re.sub(r"[^A-Za-z0-9._-]", "-", source.split("/")[-1])
+            name = _checked_name(options["name"] or source.split("/")[-1])
             folder = prepare_hub(source, options["revision"], name)
             kind = BaseModel.SourceType.HUB
         return register_folder(
@@ -70,3 +75,17 @@ class Command(BaseCommand):
             default=options["default"],
             enabled=not options["disabled"],
         )
+
+
+# What the hub accepts: "name" or "owner/name", letters, digits, '-', '_', '.'.
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+
+
+def _checked_name(name: str) -> str:
+    """The name is checked before anything is written under the models directory with it."""
+    if not BASE_MODEL_NAME.match(name) or ":" in name:
+        raise CommandError(
+            f"base model name {name!r} must be 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (use --name)"
+        )
+    return name
