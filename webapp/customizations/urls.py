@@ -7,6 +7,7 @@ from webapp.customizations import views
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
     path("files/", views.file_list, name="file_list"),
+    path("files/examples/", views.file_example_create, name="file_example_create"),
     path("files/<str:file_id>/", views.file_detail, name="file_detail"),
     path("files/<str:file_id>/jobs/", views.job_create_view, name="job_create"),
     path("jobs/", views.job_list, name="job_list"),

@@ -12,7 +12,12 @@ from webapp.customizations.views.adapters import (
     adapter_list,
     adapter_rename_view,
 )
-from webapp.customizations.views.files import dashboard, file_detail, file_list
+from webapp.customizations.views.files import (
+    dashboard,
+    file_detail,
+    file_example_create,
+    file_list,
+)
 from webapp.customizations.views.jobs import (
     job_cancel_view,
     job_create_view,
@@ -33,6 +38,7 @@ __all__ = [
     "adapter_rename_view",
     "dashboard",
     "file_detail",
+    "file_example_create",
     "file_list",
     "job_cancel_view",
     "job_create_view",

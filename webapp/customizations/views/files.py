@@ -9,12 +9,13 @@ from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
-from django.views.decorators.http import require_GET, require_http_methods
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from webapp.core.exceptions import ApplicationError
 from webapp.customizations import selectors
 from webapp.customizations.estimates import file_job_estimate
 from webapp.customizations.forms import FileUploadForm
+from webapp.customizations.services.examples import example_dataset_list, example_file_create
 from webapp.customizations.services.files import file_create
 from webapp.customizations.views.common import bound, get_or_404
 
@@ -45,7 +46,8 @@ def _upload(
             status = 400
         if _wants_json(request):
             return JsonResponse({"errors": form.errors.get("file", [])}, status=status)
-    return render(request, template, {"form": form, **context()}, status=status)
+    context_data = {"form": form, "examples": example_dataset_list(), **context()}
+    return render(request, template, context_data, status=status)
 
 
 def _wants_json(request: HttpRequest) -> bool:
@@ -82,3 +84,14 @@ def file_detail(request: HttpRequest, file_id: str) -> HttpResponse:
         "estimate": file_job_estimate(file=file, base=selectors.base_model_default()),
     }
     return render(request, "customizations/file_detail.html", context)
+
+
+@login_required
+@require_POST
+def file_example_create(request: HttpRequest) -> HttpResponse:
+    """ "Try one": store a generated example dataset as an upload, then show its report."""
+    try:
+        file = example_file_create(user=request.user, name=request.POST.get("example", ""))
+    except ApplicationError as exc:
+        return HttpResponse(exc.message, status=exc.status, content_type="text/plain")
+    return redirect("file_detail", file.id)

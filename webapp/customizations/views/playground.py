@@ -12,6 +12,7 @@ from django.views.decorators.http import require_http_methods
 from webapp.core.exceptions import ApplicationError
 from webapp.customizations import selectors
 from webapp.customizations.forms import PlaygroundForm
+from webapp.customizations.services.examples import example_prompts
 from webapp.customizations.views.common import bound
 
 
@@ -23,7 +24,8 @@ def playground(request: HttpRequest) -> HttpResponse:
 
     models = selectors.playground_models(user=request.user)
     chosen = request.GET.get("model") or (models.adapters[0].name if models.adapters else "")
-    form = PlaygroundForm(*bound(request), initial={"model": chosen})
+    initial = {"model": chosen, "prompt": request.GET.get("prompt", "")}
+    form = PlaygroundForm(*bound(request), initial=initial)
     answers: list[dict[str, Any]] = []
     status = 200
     if request.method == "POST" and form.is_valid():
@@ -67,6 +69,9 @@ def playground(request: HttpRequest) -> HttpResponse:
             },
         ],
         "side_by_side": len(answers) > 1,
+        "suggestions": example_prompts(
+            adapter=next((a for a in models.adapters if a.name == chosen), None)
+        ),
         "sampling_fields": [form["temperature"], form["top_p"], form["max_tokens"]],
     }
     return render(request, "customizations/playground.html", context, status=status)
