@@ -56,7 +56,7 @@ def _wait_until_finished(tab: Tab, timeout: float = 1800) -> str:
 def test_a_preset_picked_in_the_form_trains_a_tail_to_chat_with(
     tab: Tab, smollm2: Any, workers: Callable[..., Workers]
 ) -> None:
-    """Balanced shows the tail's fields and estimate, trains a depth-8 tail that chats and
+    """Balanced shows the tail's fields and estimate, trains a depth-16 tail that chats and
     downloads as its PEFT folder."""
     pool = workers(CARRY_ON_TORCH_THREADS="2")
     pool.start("all", "default,embed,train")
@@ -96,8 +96,8 @@ def test_a_preset_picked_in_the_form_trains_a_tail_to_chat_with(
     assert status == "succeeded", f"{page.inner_text('main')}\n{pool.tail()}"
     job = FineTuningJob.objects.get()
     adapter = Adapter.objects.get(job=job)
-    assert (job.kind, job.preset, job.tail["depth"]) == ("tail", "balanced", 8)
-    assert (adapter.kind, adapter.depth, adapter.preset) == ("tail", 8, "balanced")
+    assert (job.kind, job.preset, job.tail["depth"]) == ("tail", "balanced", 16)
+    assert (adapter.kind, adapter.depth, adapter.preset) == ("tail", 16, "balanced")
     tab.shot("presets-02-job-succeeded")
 
     # Chat with it in the playground: the answer streams in.
@@ -120,7 +120,7 @@ def test_a_preset_picked_in_the_form_trains_a_tail_to_chat_with(
     # The adapter list names its kind, depth and preset.
     tab.go("/adapters/")
     row = " ".join(page.locator("tbody tr").first.inner_text().split())
-    assert "tail depth 8 preset balanced" in row, row
+    assert "tail depth 16 preset balanced" in row, row
     tab.shot("presets-04-adapters")
     with page.expect_download() as download_info:
         page.get_by_role("link", name="Download").click()

@@ -128,7 +128,7 @@ def test_each_preset_trains_and_chats_through_the_openai_client(
     )
     uploaded = client.files.create(file=("demo.jsonl", _demo_jsonl(12)), purpose="fine-tune")
     layers = smollm2.fingerprint["num_layers"]
-    expected = {"fast": ("carry_on", None), "balanced": ("tail", 8), "best": ("tail", layers)}
+    expected = {"fast": ("carry_on", None), "balanced": ("tail", 16), "best": ("tail", layers)}
     jobs = {}
     for preset, (kind, depth) in expected.items():
         job = client.fine_tuning.jobs.create(

@@ -59,12 +59,12 @@ def _create(**arguments: Any) -> FineTuningJob:
 
 
 @pytest.mark.parametrize(
-    ("preset", "kind", "depth"), [("fast", "carry_on", None), ("balanced", "tail", 8)]
+    ("preset", "kind", "depth"), [("fast", "carry_on", None), ("balanced", "tail", 16)]
 )
 def test_a_preset_sets_the_kind_and_fills_its_defaults(
     deep_base: BaseModel, preset: str, kind: str, depth: int | None
 ) -> None:
-    """fast is the default carry-on, balanced a depth-8 tail with the tail defaults."""
+    """fast is the default carry-on, balanced a depth-16 tail with the tail defaults."""
     job = _create(model="deep", preset=preset)
     assert (job.kind, job.preset) == (kind, preset)
     if kind == "tail":
@@ -83,7 +83,7 @@ def test_the_best_preset_clamps_its_depth_to_the_base(deep_base: BaseModel) -> N
 
 
 def test_a_presets_depth_clamps_on_a_shallow_base(tiny_base_model: Any) -> None:
-    """balanced's 8 layers become 2 on a two-layer base rather than an error."""
+    """balanced's 16 layers become 2 on a two-layer base rather than an error."""
     assert _create(preset="balanced").tail["depth"] == 2
 
 
@@ -279,7 +279,7 @@ def test_the_estimate_endpoint_answers_for_the_kind_and_every_preset(
 
     fast, balanced, best = (seconds(model="deep", preset=p) for p in ("fast", "balanced", "best"))
     assert fast < balanced < best
-    custom = seconds(model="deep", preset="custom", kind="tail", depth=8)
+    custom = seconds(model="deep", preset="custom", kind="tail", depth=16)
     assert custom == balanced
 
 
