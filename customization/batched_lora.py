@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -107,18 +108,19 @@ class BatchedLoraLinear(nn.Module):
         return y.index_add(0, index, delta.to(y.dtype))
 
 
-def install(model: nn.Module, counters: LoraCounters | None = None) -> RowTails:
-    """Wrap every LoRA-targetable linear of the decoder's layers once; idempotent."""
+def install(model: Any, counters: LoraCounters | None = None) -> RowTails:
+    """Wrap every LoRA-targetable linear of an HF causal LM's decoder layers once;
+    idempotent (``model`` is typed loosely, as transformers types it)."""
     existing = getattr(model, "_carry_on_row_tails", None)
     if isinstance(existing, RowTails):
         return existing
     rows = RowTails(counters)
-    layers = model.get_decoder().layers  # type: ignore[operator]
+    layers = model.get_decoder().layers
     for index, layer in enumerate(layers):
         for name, module in list(layer.named_modules()):
             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in ALL_LINEAR:
                 parent_name, _, child = name.rpartition(".")
                 parent = layer.get_submodule(parent_name) if parent_name else layer
                 setattr(parent, child, BatchedLoraLinear(module, index, name, rows))
-    model._carry_on_row_tails = rows  # type: ignore[assignment]
+    model._carry_on_row_tails = rows
     return rows

@@ -16,7 +16,7 @@ from customization.checkpoint import load_tail_adapter, save_tail
 from customization.config import FeatureConfig, TailConfig, TrainingConfig
 from customization.datasets import load_dataset
 from customization.demo_data import generate_demo_problems
-from customization.features import extract_features
+from customization.features import FeatureData, extract_features
 from customization.generation import prompt_logits
 from customization.tail import TailModel
 from customization.tokenizer import TokenizedExample, tokenize_examples
@@ -66,7 +66,7 @@ def test_our_tail_artifact_loads_in_peft_with_our_engine_logits(
 
 def _features(
     base: FrozenBase, examples: list[TokenizedExample], layer: int, folder: Path, key: str
-) -> object:
+) -> FeatureData:
     config = FeatureConfig(
         taps=(layer,), max_length=256, storage_dtype="float32", include_final=False
     )
@@ -95,20 +95,20 @@ def test_a_depth_l_tail_matches_peft_lora_on_all_layers(
     held_out_data = _features(real_base, held_out, 0, tmp_path, "held-out")
     train_adapter(
         tail,
-        train_data,  # type: ignore[arg-type]
+        train_data,
         real_base.head_weight,
         training,
         num_layers=real_base.num_layers,
         base_fingerprints=[real_base.fingerprint()],
     )
-    layout = FeatureLayout.for_tail(held_out_data, tail.config)  # type: ignore[arg-type]
-    ours = evaluate(tail, held_out_data, layout, real_base.head_weight)["loss"]  # type: ignore[arg-type]
+    layout = FeatureLayout.for_tail(held_out_data, tail.config)
+    ours = evaluate(tail, held_out_data, layout, real_base.head_weight)["loss"]
 
     from peft import LoraConfig
 
     peft_config = LoraConfig(
         r=config.rank,
-        lora_alpha=config.alpha,
+        lora_alpha=int(config.alpha),
         lora_dropout=0.0,
         target_modules=list(config.target_modules),
     )
