@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from customization.datasets import Example
+
 _MARKER = "####"
 _NUMBER = re.compile(
     r"""
@@ -36,6 +38,22 @@ def extract_final_answer(text: str) -> str | None:
             return _canonical(match)
     matches = list(_NUMBER.finditer(text))
     return _canonical(matches[-1]) if matches else None
+
+
+def has_marked_answer(text: str) -> bool:
+    """Whether ``text`` gives its final answer as ``#### N``: an answer exact match can check."""
+    _, marker, tail = text.rpartition(_MARKER)
+    return bool(marker) and _NUMBER.search(tail) is not None
+
+
+def checkable_examples(examples: Sequence[Example]) -> list[Example]:
+    """The examples whose last assistant answer ends in ``#### N``: exact match can check them."""
+    checkable = []
+    for example in examples:
+        answers = [m["content"] for m in example.messages if m["role"] == "assistant"]
+        if answers and has_marked_answer(answers[-1]):
+            checkable.append(example)
+    return checkable
 
 
 def answers_match(predicted: str | None, reference: str | None) -> bool:

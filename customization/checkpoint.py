@@ -324,6 +324,64 @@ def load_tail_weights(tail: TailModel, path: str | Path) -> None:
         raise ArtifactError(f"tail weights in {folder} do not fit: {exc}") from exc
 
 
+def load_initial_weights(
+    path: str | Path,
+    *,
+    config: CarryOnConfig | TailConfig,
+    base_fingerprints: Sequence[BaseFingerprint],
+    expected_sha256: str,
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """A saved adapter's weights to continue fine-tuning from (``train_adapter``'s
+    ``initial_weights``), under the names the artifact stores them by.
+
+    Checked as a load for serving is (the recorded sha256, then the base fingerprint), and
+    the artifact must be of the kind and shape being trained (``config``): weights of
+    another shape would not load, and of another tap layout would silently mean something
+    else.
+    """
+    folder = Path(path)
+    stored: CarryOnConfig | TailConfig
+    if is_tail_artifact(folder):
+        stored, tensors = _checked_tail(folder, base_fingerprints, expected_sha256, device)
+    else:
+        carry_on = load_carry_on(
+            folder,
+            base_fingerprints=base_fingerprints,
+            expected_sha256=expected_sha256,
+            device=device,
+        )
+        stored, tensors = carry_on.config, dict(carry_on.state_dict())
+    different = _shape_difference(stored, config)
+    if different is not None:
+        raise ArtifactError(
+            f"the adapter in {folder.name} has another {different} than the one training; "
+            "a continued fine-tune keeps its parent's kind and shape"
+        )
+    return tensors
+
+
+def _shape_difference(
+    stored: CarryOnConfig | TailConfig, wanted: CarryOnConfig | TailConfig
+) -> str | None:
+    """The first shape field in which two adapter configs differ ("kind" across kinds).
+
+    Sizes filled from the base when the adapter was built (a carry-on's ``tap_sizes`` and
+    ``hidden_size``, a tail's ``num_layers``) count only where both configs know them;
+    ``gate_bias_init`` only shapes a fresh initialisation, which the weights replace.
+    """
+    if type(stored) is not type(wanted):
+        return "kind"
+    for name, mine in wanted.to_dict().items():
+        theirs = getattr(stored, name)
+        filled = name in ("tap_sizes", "hidden_size", "num_layers")
+        if name in ("format_version", "gate_bias_init") or (filled and not (mine and theirs)):
+            continue
+        if (list(theirs) if isinstance(theirs, tuple) else theirs) != mine:
+            return name
+    return None
+
+
 def load_adapter(
     path: str | Path,
     *,

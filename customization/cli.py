@@ -132,25 +132,28 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from customization.carry_on import CarryOn
     from customization.datasets import load_dataset
-    from customization.evaluation import exact_match, features_in_memory, heldout_metrics
-    from customization.tokenizer import tokenize_examples
+    from customization.evaluation import evaluate_models
 
     _setup_torch(args)
     base = _load_base(args)
     carry_on = _load_adapter(args, base)
     examples = load_dataset(Path(args.data).read_bytes())[: args.limit]
-    tokenized = tokenize_examples(examples, base.tokenizer, max_length=args.max_length)
-    taps = carry_on.config.taps if isinstance(carry_on, CarryOn) else (-1,)
-    data = features_in_memory(base, tokenized, taps)
-    report: dict[str, Any] = heldout_metrics(base, carry_on, data)
+    report = evaluate_models(
+        base,
+        [carry_on],
+        examples,
+        max_length=args.max_length,
+        exact_match_problems=args.exact_match,
+        max_new_tokens=args.max_tokens,
+    )
+    scores = report.scores[0]
+    output: dict[str, Any] = {"loss": scores.loss, "token_accuracy": scores.token_accuracy}
     if args.exact_match:
-        result = exact_match(
-            base, carry_on, examples[: args.exact_match], max_new_tokens=args.max_tokens
-        )
-        report["exact_match"] = result.accuracy
-    print(json.dumps(report, indent=2))
+        # null when no problem in the file has a checkable "#### N" answer
+        output["exact_match"] = scores.exact_match
+        output["exact_match_problems"] = len(report.problems)
+    print(json.dumps(output, indent=2))
     return 0
 
 
@@ -238,7 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapter")
     evaluate.add_argument("--limit", type=int, default=None)
     evaluate.add_argument("--max-length", type=int, default=512)
-    evaluate.add_argument("--exact-match", type=int, default=0, help="problems to decode")
+    evaluate.add_argument(
+        "--exact-match",
+        type=int,
+        default=0,
+        help='problems to decode greedily: the first N whose answer ends in "#### N"',
+    )
     evaluate.add_argument("--max-tokens", type=int, default=256)
     evaluate.set_defaults(func=cmd_eval)
 

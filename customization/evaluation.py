@@ -5,6 +5,11 @@ for the base alone (``carry_on=None``), base + carry-on or base + tail (a tail i
 through the serving path: the base's forward with its rows' LoRA deltas). Exact match
 decodes greedily, many problems per batch through the shared-base ``BatchDecoder``, and
 compares the number after ``####`` (else the last number) with the reference's.
+
+``evaluate_models`` puts the two together for several models on one held-out set, as the
+CLI's ``eval`` and the web app's evaluations run it: the base forward over the set is shared
+by every model (each chunk of examples runs through the base once, reading every state any
+carry-on taps), and exact match decodes only problems whose reference ends in ``#### N``.
 """
 
 from __future__ import annotations
@@ -14,14 +19,16 @@ from dataclasses import dataclass
 
 import torch
 
-from customization.answers import answers_match, extract_final_answer
+from customization.answers import answers_match, checkable_examples, extract_final_answer
 from customization.base_model import FrozenBase
+from customization.carry_on import CarryOn
 from customization.config import GenerationConfig
 from customization.datasets import Example
+from customization.errors import TrainingCancelled
 from customization.features import FeatureData, FeatureExample, StoredState, batch_hidden_states
 from customization.generation import BatchDecoder, ServedAdapter
 from customization.tail import TailAdapter
-from customization.tokenizer import TokenizedExample
+from customization.tokenizer import TokenizedExample, tokenize_examples
 from customization.training import FeatureLayout, evaluate, head_loss
 
 
@@ -131,3 +138,128 @@ def exact_match(
         for p, r in zip(predictions, references, strict=True)
     )
     return ExactMatchResult(hits / max(len(examples), 1), predictions, references)
+
+
+# -- several models on one held-out set --------------------------------------------------------
+
+
+@dataclass
+class ModelScores:
+    """One model's figures; ``exact_match`` is None until decoded, or with no problem to check."""
+
+    loss: float
+    token_accuracy: float
+    exact_match: float | None = None
+    n_correct: int = 0
+    predictions: list[str] | None = None
+
+
+@dataclass
+class EvaluationReport:
+    n_examples: int  # scored for loss
+    problems: list[Example]  # decoded for exact match (the checkable sample)
+    scores: list[ModelScores]
+
+
+def evaluate_models(
+    base: FrozenBase,
+    adapters: Sequence[ServedAdapter | None],
+    examples: Sequence[Example],
+    *,
+    max_length: int,
+    exact_match_problems: int = 0,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    chunk_examples: int = 64,
+    on_scores: Callable[[int, ModelScores], None] | None = None,
+    should_stop: Callable[[float], bool] | None = None,
+) -> EvaluationReport:
+    """Held-out loss and token accuracy of each model (None: the base alone), then greedy
+    exact match on the first ``exact_match_problems`` checkable examples.
+
+    ``on_scores(i, scores)`` is called once model i's loss is known and again after its
+    decoding; ``should_stop(fraction done)`` is asked between pieces of work, and True
+    raises ``TrainingCancelled``. Chunks are a multiple of ``batch_size``, so the figures do
+    not depend on the chunk size beyond float summation order.
+    """
+    if chunk_examples % batch_size:
+        raise ValueError(f"chunk_examples ({chunk_examples}) must be a multiple of batch_size")
+    tokenized = tokenize_examples(examples, base.tokenizer, max_length=max_length)
+    problems = checkable_examples(examples)[:exact_match_problems]
+    work = _Work(len(adapters) * (len(tokenized) + 8 * len(problems)), should_stop)
+    scores = _heldout_scores(base, adapters, tokenized, batch_size, chunk_examples, work)
+    for index, score in enumerate(scores):
+        if on_scores is not None:
+            on_scores(index, score)
+    for index, adapter in enumerate(adapters):
+        if not problems:
+            break
+        result = exact_match(
+            base,
+            adapter,
+            problems,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=work.decoding(),
+        )
+        scores[index].exact_match = result.accuracy
+        scores[index].n_correct = sum(
+            answers_match(extract_final_answer(p), extract_final_answer(r))
+            for p, r in zip(result.predictions, result.references, strict=True)
+        )
+        scores[index].predictions = result.predictions
+        if on_scores is not None:
+            on_scores(index, scores[index])
+    return EvaluationReport(len(tokenized), list(problems), scores)
+
+
+class _Work:
+    """Counts units of work done and asks the caller whether to stop."""
+
+    def __init__(self, total: int, should_stop: Callable[[float], bool] | None):
+        self.total, self.done, self.should_stop = max(1, total), 0, should_stop
+        self.advance(0)
+
+    def decoding(self) -> Callable[[int, int], None]:
+        """A progress callback for ``exact_match``: a decoded problem weighs 8 scored ones."""
+        seen = [0]
+
+        def progress(done: int, _total: int) -> None:
+            self.advance(8 * (done - seen[0]))
+            seen[0] = done
+
+        return progress
+
+    def advance(self, units: int) -> None:
+        self.done += units
+        if self.should_stop is not None and self.should_stop(min(1.0, self.done / self.total)):
+            raise TrainingCancelled("the evaluation was stopped")
+
+
+def _heldout_scores(
+    base: FrozenBase,
+    adapters: Sequence[ServedAdapter | None],
+    tokenized: Sequence[TokenizedExample],
+    batch_size: int,
+    chunk_examples: int,
+    work: _Work,
+) -> list[ModelScores]:
+    """Every model's loss and token accuracy, one base forward per chunk for all of them."""
+    taps = sorted({t for a in adapters if isinstance(a, CarryOn) for t in a.config.taps})
+    loss_sums = [0.0] * len(adapters)
+    hit_sums = [0.0] * len(adapters)
+    count = 0
+    for start in range(0, len(tokenized), chunk_examples):
+        chunk = tokenized[start : start + chunk_examples]
+        data = features_in_memory(base, chunk, [*taps, -1], batch_size=batch_size)
+        tokens = sum(int(e.target_mask[1:].sum()) for e in data.examples)
+        count += tokens
+        for index, adapter in enumerate(adapters):
+            metrics = heldout_metrics(base, adapter, data, batch_size=batch_size)
+            loss_sums[index] += metrics["loss"] * tokens
+            hit_sums[index] += metrics["token_accuracy"] * tokens
+            work.advance(len(chunk))
+    return [
+        ModelScores(loss=loss / max(count, 1), token_accuracy=hits / max(count, 1))
+        for loss, hits in zip(loss_sums, hit_sums, strict=True)
+    ]

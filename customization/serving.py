@@ -64,6 +64,11 @@ class AdapterCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def stats(self) -> tuple[int, int, int, int]:
+        """(entries, bytes, loads, hits), taken together."""
+        with self._lock:
+            return len(self._items), self.nbytes, self.loads, self.hits
+
     def get(self, ref: AdapterRef, base: FrozenBase) -> ServedAdapter:
         key = (ref.adapter_id, ref.sha256)
         with self._lock:
@@ -237,6 +242,19 @@ class _BaseWorker:
         self.decoder = BatchDecoder(self.base, counters=self.counters)
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """What an engine is doing now, per base name, and its adapter cache."""
+
+    batch_size: dict[str, int]  # sequences in the running decode batch
+    waiting: dict[str, int]  # sequences queued for the batch
+    counters: dict[str, dict[str, int]]  # DecodeCounters.as_dict() (cumulative)
+    adapters_cached: int
+    adapter_cache_bytes: int
+    adapter_loads: int  # cumulative
+    adapter_hits: int  # cumulative
+
+
 class ServingEngine:
     """Serves chat requests on lazily loaded bases with cached carry-ons."""
 
@@ -274,6 +292,21 @@ class ServingEngine:
 
     def pending(self) -> int:
         return sum(w.pending for w in self._workers.values())
+
+    def stats(self) -> EngineStats:
+        """A snapshot for metrics: read without locks, so a figure may be one step old."""
+        with self._lock:
+            workers = dict(self._workers)
+        entries, nbytes, loads, hits = self.adapters.stats()
+        return EngineStats(
+            batch_size={name: w.decoder.active for name, w in workers.items()},
+            waiting={name: w.waiting.qsize() for name, w in workers.items()},
+            counters={name: w.counters.as_dict() for name, w in workers.items()},
+            adapters_cached=entries,
+            adapter_cache_bytes=nbytes,
+            adapter_loads=loads,
+            adapter_hits=hits,
+        )
 
     def encode_chat(self, base_name: str, messages: Sequence[dict[str, str]]) -> list[int]:
         return self.base(base_name).tokenizer.encode_prompt(messages)

@@ -15,7 +15,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -368,12 +368,16 @@ def train_adapter(
     checkpoint_dir: str | Path | None = None,
     resume: bool = True,
     callbacks: TrainingCallbacks | None = None,
+    initial_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainingResult:
     """Train ``carry_on`` (a carry-on or a tail) in place; returns it holding the best
     weights seen. ``head_weight`` is the base's frozen LM head.
 
-    With ``checkpoint_dir`` set, a checkpoint is written every ``checkpoint_every`` steps
-    and at each epoch end, and (``resume=True``) the run continues from the newest one.
+    ``initial_weights`` (a continued fine-tune: the parent adapter's weights, read and
+    checked by ``checkpoint.load_initial_weights``) replace the fresh initialisation, so the
+    first step starts exactly from the parent. With ``checkpoint_dir`` set, a checkpoint is
+    written every ``checkpoint_every`` steps and at each epoch end, and (``resume=True``)
+    the run continues from the newest one, which supersedes ``initial_weights``.
     """
     hooks = callbacks or TrainingCallbacks()
     device = head_weight.device
@@ -381,6 +385,8 @@ def train_adapter(
     layout = FeatureLayout.for_model(train_data, carry_on, num_layers)
     steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
+    if initial_weights is not None:
+        _start_from(carry_on, initial_weights)
     optimizer = _optimizer(carry_on, config)
     state = _State()
     checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -492,6 +498,14 @@ def train_adapter(
         stopped_early=state.epoch < config.epochs,
         history=state.history,
     )
+
+
+def _start_from(model: Trainable, weights: Mapping[str, torch.Tensor]) -> None:
+    """Put a parent's weights into a freshly built adapter of the same shape."""
+    try:
+        load_trainable_weights(model, dict(weights))
+    except (RuntimeError, ValueError) as exc:  # missing, extra or misshapen tensors
+        raise ArtifactError(f"the initial weights do not fit this adapter: {exc}") from exc
 
 
 def _track_best(

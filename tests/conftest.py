@@ -38,6 +38,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.longrepr = f"skipped under {REQUIRE_ENV}=1 (must run in CI): {reason}"
 
 
+@pytest.fixture(autouse=True)
+def _empty_usage_buffer() -> Iterator[None]:
+    """Chats buffer usage records in this process (webapp/usage); a test's records are
+    written in its own test, or not at all: never into the next test's database, nor at
+    exit, after the test databases are gone."""
+    from webapp.usage.services import usage_buffer
+
+    usage_buffer.discard()
+    yield
+    usage_buffer.discard()
+
+
 @pytest.fixture
 def data_dir(settings: Any, tmp_path: Path) -> Path:
     """A fresh DATA_DIR for the test: uploads, features, checkpoints and adapters."""

@@ -10,6 +10,7 @@ from typing import Any
 
 import factory
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import Client
 from factory.django import DjangoModelFactory
 
 from tests.helpers.carry_on_kit import toy_jsonl
@@ -18,6 +19,13 @@ from webapp.core.utils import data_path, write_bytes_atomic
 from webapp.customizations.models import Adapter, Checkpoint, File, FineTuningJob, JobEvent
 
 PASSWORD = "correct horse battery"
+
+
+def signed_in(user: User) -> Client:
+    """A browser client signed in as ``user`` (a factory user) through the login form's check."""
+    client = Client()
+    assert client.login(username=user.username, password=PASSWORD)
+    return client
 
 
 class UserFactory(DjangoModelFactory):
@@ -129,3 +137,18 @@ class AdapterFactory(DjangoModelFactory):
     def artifact(obj: Adapter, create: bool, extracted: Any, **kwargs: Any) -> None:
         if create:
             write_bytes_atomic(data_path(obj.path) / "carry_on.safetensors", b"weights")
+
+
+def tail_adapter(*, owner: User, depth: int = 2, preset: str = "balanced", **tail: Any) -> Adapter:
+    """A succeeded tail job (the tail defaults with ``depth`` and ``tail``) and its adapter."""
+    from webapp.customizations.services.jobs import TAIL_DEFAULTS
+
+    job = FineTuningJobFactory(
+        owner=owner,
+        status=FineTuningJob.Status.SUCCEEDED,
+        kind="tail",
+        preset=preset,
+        carry_on={},
+        tail={**TAIL_DEFAULTS, "depth": depth, **tail},
+    )
+    return AdapterFactory(job=job, kind="tail", depth=depth, preset=preset)

@@ -5,7 +5,9 @@ from drf_spectacular.views import SpectacularJSONAPIView
 
 from webapp.core.api import not_found
 from webapp.customizations import apis as customizations
+from webapp.evaluations import apis as evaluations
 from webapp.serving import apis as serving
+from webapp.usage import apis as usage
 
 urlpatterns = [
     path("files", customizations.FileListCreateApi.as_view(), name="api-files"),
@@ -35,6 +37,18 @@ urlpatterns = [
     path("models", customizations.ModelListApi.as_view(), name="api-models"),
     path("models/<path:model>", customizations.ModelDetailApi.as_view(), name="api-model"),
     path("chat/completions", serving.ChatCompletionCreateApi.as_view(), name="api-chat"),
+    path("evaluations", evaluations.EvaluationListCreateApi.as_view(), name="api-evaluations"),
+    path(
+        "evaluations/<str:evaluation_id>",
+        evaluations.EvaluationDetailApi.as_view(),
+        name="api-evaluation",
+    ),
+    path(
+        "evaluations/<str:evaluation_id>/cancel",
+        evaluations.EvaluationCancelApi.as_view(),
+        name="api-evaluation-cancel",
+    ),
+    path("usage", usage.UsageListApi.as_view(), name="api-usage"),
     path("openapi.json", SpectacularJSONAPIView.as_view(), name="api-schema"),
     re_path(r"^[\s\S]*$", not_found),  # any path, newlines included: JSON, never HTML
 ]

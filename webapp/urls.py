@@ -5,6 +5,7 @@ from django.http import HttpRequest, JsonResponse
 from django.urls import include, path
 
 from webapp.accounts.throttling import ThrottledLoginView
+from webapp.metrics.views import metrics
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
@@ -17,6 +18,9 @@ urlpatterns = [
     path("accounts/", include("webapp.accounts.urls")),
     path("accounts/", include("django.contrib.auth.urls")),
     path("healthz", healthz, name="healthz"),
+    path("metrics", metrics, name="metrics"),
+    path("usage/", include("webapp.usage.urls")),
     path("v1/", include("webapp.api_urls")),
+    path("", include("webapp.evaluations.urls")),
     path("", include("webapp.customizations.urls")),
 ]

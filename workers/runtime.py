@@ -25,6 +25,7 @@ from webapp.customizations.services.pipeline import (
     job_sweep_stale,
     job_sweep_unclaimed,
 )
+from webapp.evaluations.services import evaluation_sweep_stale
 from webapp.serving.runtime import device, load_base, warm_up
 
 __all__ = [
@@ -154,7 +155,8 @@ class ClaimKeeper(threading.Thread):
 
 class Sweeper(threading.Thread):
     """Re-enqueues jobs whose worker died (job_sweep_stale) or whose message was lost
-    (job_sweep_unclaimed), in every worker process.
+    (job_sweep_unclaimed), and evaluations whose worker died (evaluation_sweep_stale), in
+    every worker process.
 
     Beat-free: each worker sweeps at start and then every half heartbeat timeout; the
     conditional UPDATE in the service lets only one of them act on a stale job.
@@ -172,6 +174,7 @@ class Sweeper(threading.Thread):
                 if swept:
                     logger.warning("re-queued stale jobs: %s", ", ".join(swept))
                 job_sweep_unclaimed()
+                evaluation_sweep_stale()
             except Exception:
                 logger.exception("the stale-job sweep failed; trying again later")
             finally:

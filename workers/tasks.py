@@ -29,6 +29,7 @@ from webapp.customizations.services.pipeline import (
     job_extraction_done,
     job_fail,
     job_feature_config,
+    job_parent_artifact,
     job_record_metrics,
     job_release,
     job_splits,
@@ -38,6 +39,7 @@ from webapp.customizations.services.pipeline import (
     job_training_resumed,
     job_validate_files,
 )
+from webapp.metrics.stages import timed_stage
 from workers import runtime
 from workers.celery_app import app
 
@@ -53,6 +55,7 @@ STAGE_OPTIONS: dict[str, Any] = {
 Body = Callable[[FineTuningJob, str], None]
 
 
+@timed_stage  # carry_on_job_stage_duration_seconds (README "Metrics")
 def _run_stage(task: Any, job_id: str, stage: str, body: Body) -> str:
     """Claim, run, and turn every outcome into a job state (never an unfinished job)."""
     from customization.errors import CustomizationError, TrainingCancelled
@@ -266,7 +269,7 @@ def _open_features(feature_set: FeatureSet | None, base_key: str) -> Any:
 def _train(job: FineTuningJob, worker: str) -> None:
     """A training node: cached features plus what the adapter runs, never the whole base."""
     from customization.base_model import BaseFingerprint
-    from customization.checkpoint import save_adapter
+    from customization.checkpoint import load_initial_weights, save_adapter
     from customization.training import TrainingCallbacks, load_training_node, train_adapter
 
     heartbeat = runtime.Heartbeat(job, worker)
@@ -276,12 +279,25 @@ def _train(job: FineTuningJob, worker: str) -> None:
     config, training = job_adapter_config(job), job_training_config(job)
     checkpoints = data_path(f"jobs/{job.id}/checkpoints")
     resumed_at = runtime.latest_checkpoint_step(checkpoints)
+    # A continued fine-tune starts from its parent's weights, checked like any artifact
+    # load; a resumed run starts from its own checkpoint instead.
+    parent = job_parent_artifact(job) if resumed_at is None else None
+    initial = None
+    if parent is not None:
+        initial = load_initial_weights(
+            parent[0],
+            config=config,
+            base_fingerprints=[fingerprint],
+            expected_sha256=parent[1],
+            device=runtime.device(),
+        )
     if resumed_at is not None:
         job_training_resumed(job=job, step=resumed_at, worker=worker)
     else:
+        start = f" from the weights of {job.parent_model}" if parent is not None else ""
         job_event_create(
             job=job,
-            message=f"Training started on {len(train_data)} examples",
+            message=f"Training started on {len(train_data)} examples{start}",
             data={"worker": worker},
         )
     runtime.warm_up()
@@ -305,13 +321,14 @@ def _train(job: FineTuningJob, worker: str) -> None:
             on_checkpoint=recorder.checkpoint,
             should_cancel=heartbeat.should_stop,
         ),
+        initial_weights=initial,
     )
     relative = runtime.adapter_path(job.id)  # this attempt's own: a loser removes only it
     info = save_adapter(
         result.carry_on,
         data_path(relative),
         base_fingerprints=[fingerprint],
-        metadata={"job": job.id, "name": job_model_name(job)},
+        metadata={"job": job.id, "name": job_model_name(job), "parent": job.parent_model or None},
     )
     last = result.history[-1] if result.history else {}
     adapter = job_succeed(
@@ -335,3 +352,94 @@ def _train(job: FineTuningJob, worker: str) -> None:
     )
     if adapter is None:  # cancelled at the last moment: the artifact has no record
         remove_artifact(relative)
+
+
+# -- evaluations (queue embed: it holds the base) ---------------------------------------------
+
+
+@app.task(**STAGE_OPTIONS)
+def run_evaluation(self: Any, evaluation_id: str) -> str:
+    """Score an evaluation's models on its held-out file; every outcome becomes its state."""
+    from customization.errors import CustomizationError, TrainingCancelled
+    from webapp.evaluations import services as evaluations
+
+    worker = runtime.worker_identity(self.request)
+    evaluation = evaluations.evaluation_claim(evaluation_id=evaluation_id, worker=worker)
+    if evaluation is None:
+        logger.info("evaluation %s: nothing to do (finished, cancelled or held)", evaluation_id)
+        return "skipped"
+    code, param = "internal_error", None
+    try:
+        _evaluate(evaluation, worker)
+        return "done"
+    except TrainingCancelled:
+        return "stopped"
+    except TRANSIENT as exc:
+        evaluations.evaluation_release(evaluation_id=evaluation_id, worker=worker)
+        if self.request.retries < self.max_retries:
+            raise self.retry(exc=exc, countdown=min(300, 5 * 2**self.request.retries)) from exc
+        code, message = "infrastructure_error", f"The evaluation kept failing: {exc}"
+        worker = ""
+    except OSError as exc:  # after TRANSIENT, which holds the network OSErrors
+        code, message = "storage_error", f"The evaluation could not read its files: {_storage(exc)}"
+    except (CustomizationError, ApplicationError) as exc:
+        code, message, param = exc.code or "invalid_request", exc.message, exc.param
+    except SoftTimeLimitExceeded:
+        code, message = "timeout", "The evaluation ran past its time limit"
+    except Exception as exc:
+        logger.exception("evaluation %s failed", evaluation_id)
+        message = f"Internal error during the evaluation: {type(exc).__name__}: {exc}"
+    evaluations.evaluation_fail(
+        evaluation=evaluation, worker=worker, code=code, message=message, param=param
+    )
+    return "failed"
+
+
+def _evaluate(evaluation: Any, worker: str) -> None:
+    """One base forward over the file serves every model (customization.evaluate_models)."""
+    from customization.checkpoint import load_adapter
+    from customization.errors import CustomizationError, DatasetFormatError
+    from customization.evaluation import evaluate_models
+    from webapp.evaluations import services as evaluations
+
+    base = runtime.load_base(evaluation.base)
+    examples = evaluations.evaluation_examples(evaluation=evaluation)
+    evaluations.evaluation_start(evaluation=evaluation, examples=examples)
+    results = list(evaluation.results.order_by("position"))
+    models = []
+    for result in results:
+        try:
+            models.append(
+                None
+                if result.kind == "base"
+                else load_adapter(
+                    data_path(result.path),
+                    base_fingerprints=[base.fingerprint()],
+                    expected_sha256=result.sha256,
+                    device=base.device,
+                )
+            )
+        except CustomizationError as exc:
+            exc.message, exc.param = f"{result.model}: {exc.message}", "models"
+            raise
+    try:
+        evaluate_models(
+            base,
+            models,
+            examples,
+            max_length=evaluation.max_length,
+            exact_match_problems=evaluation.exact_match,
+            max_new_tokens=evaluation.max_tokens,
+            on_scores=lambda i, scores: evaluations.evaluation_record_scores(
+                result=results[i], scores=scores
+            ),
+            should_stop=lambda fraction: (
+                not evaluations.evaluation_progress(
+                    evaluation=evaluation, worker=worker, fraction=fraction
+                )
+            ),
+        )
+    except DatasetFormatError as exc:  # an example with no answer token within max_length
+        exc.code, exc.param = "invalid_file", "file"
+        raise
+    evaluations.evaluation_succeed(evaluation=evaluation, worker=worker)

@@ -1,6 +1,12 @@
 import pytest
 
-from customization.answers import answers_match, exact_match_rate, extract_final_answer
+from customization.answers import (
+    answers_match,
+    checkable_examples,
+    exact_match_rate,
+    extract_final_answer,
+)
+from customization.datasets import Example
 
 
 @pytest.mark.parametrize(
@@ -74,3 +80,16 @@ def test_exact_match_rate_rejects_mismatched_lengths() -> None:
     """Predictions and references must pair up one to one."""
     with pytest.raises(ValueError, match="references"):
         exact_match_rate(["1"], [])
+
+
+def test_checkable_examples_need_a_marked_final_answer() -> None:
+    """Only a last assistant answer ending in "#### N" can be checked by exact match."""
+    marked = Example(
+        messages=({"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "#### 4"}),
+        line=1,
+    )
+    unmarked = Example(
+        messages=({"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}),
+        line=2,
+    )
+    assert checkable_examples([unmarked, marked, unmarked]) == [marked]

@@ -141,18 +141,28 @@ def test_eval_reports_heldout_metrics_and_exact_match(
     trained: tuple[int, Path, Path],
     hf_base_dir: Path,
     dataset: Path,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """`eval --adapter` prints loss, token accuracy and exact match as JSON."""
+    """`eval --adapter` prints loss, token accuracy and exact match as JSON; exact match
+    decodes only problems with a checkable "#### N" answer (null where there is none)."""
+    from customization.demo_data import write_demo_dataset
+
     _, run, _ = trained
-    capsys.readouterr()
-    argv = ["eval", str(dataset), "--base", str(hf_base_dir), "--adapter", str(run / "adapter")]
-    argv += ["--limit", "4", "--max-length", "64", "--exact-match", "2", "--max-tokens", "4"]
-    assert cli.main(argv) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["loss"] > 0
-    assert 0.0 <= report["token_accuracy"] <= 1.0
-    assert 0.0 <= report["exact_match"] <= 1.0
+    problems = write_demo_dataset(tmp_path / "problems.jsonl", 6, seed=0)
+    for data, checkable in ((problems, 2), (dataset, 0)):
+        capsys.readouterr()
+        argv = ["eval", str(data), "--base", str(hf_base_dir), "--adapter", str(run / "adapter")]
+        argv += ["--limit", "4", "--max-length", "512", "--exact-match", "2", "--max-tokens", "4"]
+        assert cli.main(argv) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["loss"] > 0
+        assert 0.0 <= report["token_accuracy"] <= 1.0
+        assert report["exact_match_problems"] == checkable
+        if checkable:
+            assert 0.0 <= report["exact_match"] <= 1.0
+        else:
+            assert report["exact_match"] is None
 
 
 def test_errors_are_reported_with_their_code_and_exit_status_2(

@@ -9,14 +9,18 @@ import torch.nn.functional as F
 
 from customization.base_model import FrozenBase
 from customization.carry_on import CarryOn
-from customization.config import CarryOnConfig, TrainingConfig
-from customization.errors import ArtifactError, TrainingCancelled
+from customization.checkpoint import ArtifactInfo, load_initial_weights, save_adapter
+from customization.config import CarryOnConfig, TailConfig, TrainingConfig
+from customization.errors import ArtifactError, IncompatibleBaseModelError, TrainingCancelled
 from customization.evaluation import features_in_memory
 from customization.features import FeatureData
+from customization.tail import TailModel
 from customization.training import (
     FeatureLayout,
+    Trainable,
     TrainingCallbacks,
     TrainingResult,
+    build_adapter,
     checkpoint_path,
     evaluate,
     head_loss,
@@ -24,7 +28,13 @@ from customization.training import (
     make_batch,
     train_adapter,
 )
-from tests.helpers.carry_on_kit import new_carry_on, tiny_config, toy_examples
+from tests.helpers.carry_on_kit import (
+    new_carry_on,
+    perturb,
+    perturb_tail,
+    tiny_config,
+    toy_examples,
+)
 from tests.helpers.tiny_models import tiny_base
 
 RESUMABLE = TrainingConfig(
@@ -34,13 +44,14 @@ RESUMABLE = TrainingConfig(
 
 def _train(
     base: FrozenBase,
-    carry_on: CarryOn,
+    carry_on: Trainable,
     data: FeatureData,
     config: TrainingConfig,
     *,
     valid: FeatureData | None = None,
     checkpoint_dir: Path | None = None,
     callbacks: TrainingCallbacks | None = None,
+    initial_weights: dict[str, torch.Tensor] | None = None,
 ) -> TrainingResult:
     return train_adapter(
         carry_on,
@@ -52,6 +63,7 @@ def _train(
         valid_data=valid,
         checkpoint_dir=checkpoint_dir,
         callbacks=callbacks,
+        initial_weights=initial_weights,
     )
 
 
@@ -366,3 +378,86 @@ def test_training_refuses_features_without_the_carry_on_taps(
             features_without,
             TrainingConfig(epochs=1),
         )
+
+
+# -- continued fine-tuning -------------------------------------------------------------------
+
+
+def _first_batch(data: FeatureData, config: TrainingConfig) -> FeatureData:
+    """The examples of a run's first step (epoch 0's order, as train_adapter draws it)."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed * 1000))
+    picked = [data.examples[i] for i in order.tolist()[: config.batch_size]]
+    return FeatureData(picked, data.states, data.state_sizes)
+
+
+def _parent_and_child(
+    base: FrozenBase, kind: str, tmp_path: Path
+) -> tuple[Trainable, Trainable, ArtifactInfo]:
+    """A saved parent whose weights are off the initialisation, and a fresh child."""
+    if kind == "tail":
+        shape: CarryOnConfig | TailConfig = TailConfig(depth=2, rank=4)
+        tail = build_adapter(base, shape, seed=1)
+        assert isinstance(tail, TailModel)
+        parent: Trainable = perturb_tail(tail, seed=1, scale=0.3)
+    else:
+        shape = tiny_config(taps=(1, -1), tap_mode="ladder")
+        parent = perturb(new_carry_on(base, shape, seed=1), seed=1, scale=0.2)
+    info = save_adapter(parent, tmp_path / "parent", base_fingerprints=[base.fingerprint()])
+    return parent, build_adapter(base, shape, seed=8), info
+
+
+@pytest.mark.parametrize("kind", ["carry_on", "tail"])
+def test_a_continued_run_starts_from_the_parent_weights(
+    base: FrozenBase, toy_features: tuple[FeatureData, FeatureData], tmp_path: Path, kind: str
+) -> None:
+    """With the parent's checked weights, the first step's loss is the parent's loss on that
+    batch; a run from scratch starts elsewhere (at the base's loss)."""
+    train, _ = toy_features
+    parent, child, info = _parent_and_child(base, kind, tmp_path)
+    weights = load_initial_weights(
+        info.path,
+        config=child.config,
+        base_fingerprints=[base.fingerprint()],
+        expected_sha256=info.sha256,
+    )
+    config = TrainingConfig(epochs=1, batch_size=4, learning_rate=1e-2, seed=3)
+    layout = FeatureLayout.for_model(train, parent, base.num_layers)
+    first = _first_batch(train, config)
+    expected = evaluate(parent, first, layout, base.head_weight, batch_size=4)["loss"]
+
+    def first_step_loss(model: Trainable, initial: dict[str, torch.Tensor] | None) -> float:
+        losses: list[float] = []
+        on_progress = TrainingCallbacks(on_progress=lambda p: losses.append(p["train_loss"]))
+        _train(base, model, train, config, callbacks=on_progress, initial_weights=initial)
+        return losses[0]
+
+    assert first_step_loss(child, weights) == pytest.approx(expected, rel=1e-6)
+    from_scratch = first_step_loss(build_adapter(base, child.config, seed=8), None)
+    base_loss = evaluate(None, first, FeatureLayout.for_taps(train, [-1], 2), base.head_weight)
+    assert from_scratch == pytest.approx(base_loss["loss"], rel=1e-5)
+    assert abs(from_scratch - expected) > 1e-3
+
+
+def test_initial_weights_are_checked_like_any_artifact_load(
+    base: FrozenBase, other_base: FrozenBase, tmp_path: Path
+) -> None:
+    """A changed artifact, another base, another shape or another kind is refused, naming why."""
+    _, child, info = _parent_and_child(base, "carry_on", tmp_path)
+    good = {
+        "config": child.config,
+        "base_fingerprints": [base.fingerprint()],
+        "expected_sha256": info.sha256,
+    }
+    with pytest.raises(ArtifactError, match="sha256"):
+        load_initial_weights(info.path, **{**good, "expected_sha256": "0" * 64})
+    with pytest.raises(IncompatibleBaseModelError):
+        load_initial_weights(info.path, **{**good, "base_fingerprints": [other_base.fingerprint()]})
+    wider = tiny_config(taps=(1, -1), tap_mode="ladder", d_model=32)
+    with pytest.raises(ArtifactError, match="another d_model"):
+        load_initial_weights(info.path, **{**good, "config": wider})
+    with pytest.raises(ArtifactError, match="another kind"):
+        load_initial_weights(info.path, **{**good, "config": TailConfig(depth=2, rank=4)})
+    wrong = {k: torch.zeros(1) for k in child.state_dict()}
+    empty = FeatureData([], [(0, 1), (0, 2)], [32, 32])
+    with pytest.raises(ArtifactError, match="do not fit"):
+        _train(base, child, empty, TrainingConfig(epochs=1), initial_weights=wrong)

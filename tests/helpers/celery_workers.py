@@ -134,6 +134,19 @@ class Workers:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
+    def follow(self, client: Any, job_id: str, *, timeout: float, poll: float) -> list[Any]:
+        """The job's events (oldest first) once it has succeeded, read through ``client`` (an
+        ``openai.OpenAI``); fails, with the workers' logs, if it fails or runs out of time."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            events = list(client.fine_tuning.jobs.list_events(job_id, limit=100))[::-1]
+            if any(e.message == "The job has successfully completed" for e in events):
+                return events
+            job = client.fine_tuning.jobs.retrieve(job_id)
+            assert job.status not in ("failed", "cancelled"), f"{job.error}\n{self.tail()}"
+            time.sleep(poll)
+        raise AssertionError(f"{job_id} did not finish\n{self.tail()}")
+
     def tail(self, lines: int = 40) -> str:
         chunks = []
         for log in sorted(self.logs.glob("*.log")):

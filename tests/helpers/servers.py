@@ -32,6 +32,30 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def wait_healthy(
+    url: str,
+    proc: subprocess.Popen[bytes],
+    log: Callable[[], str],
+    *,
+    what: str,
+    timeout: float = 120,
+    poll: float = 0.2,
+) -> None:
+    """Wait until ``url``/healthz answers 200; fail with ``log()`` if ``proc`` exits first or
+    it does not answer within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited:\n{log()}")
+        try:
+            if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(poll)
+    raise AssertionError(f"{what} did not start:\n{log()}")
+
+
 class StudioServer:
     """``gunicorn webapp.wsgi`` (gthread workers) on a free loopback port."""
 
@@ -53,17 +77,7 @@ class StudioServer:
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the server exited:\n{self.tail()}")
-            try:
-                if requests.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"the server did not start:\n{self.tail()}")
+        wait_healthy(self.url, self.proc, self.tail, what="the server", timeout=timeout)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

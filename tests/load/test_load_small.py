@@ -23,7 +23,7 @@ from workers.celery_app import app
 pytestmark = [pytest.mark.load, pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 PLAN = LoadPlan(
-    uploads=20, jobs=10, chats=40, concurrency=8, rows_per_upload=6, max_tokens=8,
+    uploads=20, jobs=10, chats=40, concurrency=8, rows_per_upload=10, max_tokens=8,
     burst=16, bursts=3, burst_choices=2,
 )  # fmt: skip
 

@@ -369,3 +369,54 @@ def test_a_job_whose_message_was_lost_is_sent_again(
     job.refresh_from_db()
     assert job.status == "succeeded", job.error
     assert pipeline.job_sweep_unclaimed() == []
+
+
+def test_a_continued_job_whose_parent_was_deleted_fails_clearly(
+    tiny_base_model: Any, django_capture_on_commit_callbacks: Any, make_adapter: Any
+) -> None:
+    """The parent deleted between creation and training: the job fails naming it, instead of
+    quietly training from scratch; the job keeps the parent's name."""
+    from webapp.customizations.services.adapters import adapter_delete
+
+    user = UserFactory()
+    parent = make_adapter(user, tiny_base_model, seed=1)
+    file = FileFactory(owner=user)
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        job = job_create(user=user, training_file=file.id, model=parent.name, hyperparameters=HYPER)
+    adapter_delete(adapter=parent)
+    with django_capture_on_commit_callbacks(execute=True):
+        for callback in callbacks:
+            callback()
+    job.refresh_from_db()
+    assert job.status == "failed"
+    assert job.error is not None
+    assert (job.error["code"], job.error["param"]) == ("parent_model_deleted", "model")
+    assert parent.name in job.error["message"]
+    assert (job.parent, job.parent_model) == (None, parent.name)
+
+
+def test_a_parent_deleted_while_its_child_trains_is_not_recorded(tiny_base_model: Any) -> None:
+    """The child still succeeds; its adapter has no parent (the job keeps the name), rather
+    than failing on a parent read when the job was claimed."""
+    from tests.factories import AdapterFactory, FineTuningJobFactory
+
+    user = UserFactory()
+    parent = AdapterFactory(job=FineTuningJobFactory(owner=user, status="succeeded"))
+    job = FineTuningJobFactory(
+        owner=user, status="running", worker="w", parent=parent, parent_model=parent.name
+    )
+    Adapter.objects.filter(pk=parent.pk).delete()  # `job` still holds parent_id
+    adapter = pipeline.job_succeed(
+        job=job,
+        worker="w",
+        path=data_path("adapters/child"),
+        sha256="0" * 64,
+        nbytes=1,
+        n_parameters=1,
+        metrics={},
+        trained_tokens=1,
+    )
+    assert adapter is not None
+    assert adapter.parent is None
+    job.refresh_from_db()
+    assert (job.status, job.parent, job.parent_model) == ("succeeded", None, parent.name)

@@ -18,6 +18,7 @@ from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.db import InterfaceError, OperationalError
 from django.db.models import Model, QuerySet
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from drf_spectacular.utils import OpenApiParameter
 from rest_framework import exceptions, serializers
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.negotiation import BaseContentNegotiation, DefaultContentNegotiation
@@ -70,6 +71,38 @@ class ErrorSerializer(serializers.Serializer):
     """OpenAI's error body."""
 
     error = ErrorDetailSerializer()
+
+
+# Every operation may answer these; 503: the database or the broker is briefly unreachable.
+ERRORS = {
+    400: ErrorSerializer,
+    401: ErrorSerializer,
+    404: ErrorSerializer,
+    429: ErrorSerializer,
+    503: ErrorSerializer,
+}
+
+
+def refuse_unknown_fields(serializer: serializers.Serializer, data: Any) -> None:
+    """Refuse a body naming a field the serializer does not know, as OpenAI does."""
+    if isinstance(data, dict):
+        for name in data:
+            if name not in serializer.fields:
+                raise serializers.ValidationError(
+                    {name: [f"Unrecognized request argument supplied: {name}"]},
+                    code="unknown",
+                )
+
+
+def error_object(error: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A stored failure (``{"code", "message", "param"}``) as a job or evaluation shows it."""
+    if not error:
+        return None
+    return {
+        "code": str(error.get("code") or "error"),
+        "message": str(error.get("message") or ""),
+        "param": error.get("param"),
+    }
 
 
 def _first_validation_error(detail: Any, path: str = "") -> tuple[str, Any]:
@@ -328,6 +361,27 @@ class ApiView(APIView):
 
 
 # -- lists --------------------------------------------------------------------------------------
+
+
+LIST_PARAMETERS = [
+    OpenApiParameter("after", str, description="Cursor: the id of the last object seen."),
+    OpenApiParameter("limit", int, description="Page size, 1 to 100 (default 20)."),
+]
+
+
+def list_of(item: type[serializers.Serializer], name: str) -> type[serializers.Serializer]:
+    """A serializer for OpenAI's list envelope around ``item`` (for the schema)."""
+    return type(
+        name,
+        (serializers.Serializer,),
+        {
+            "object": serializers.CharField(help_text="Always 'list'."),
+            "data": item(many=True),
+            "has_more": serializers.BooleanField(),
+            "first_id": serializers.CharField(allow_null=True),
+            "last_id": serializers.CharField(allow_null=True),
+        },
+    )
 
 
 class ListQuery(serializers.Serializer):

@@ -36,6 +36,10 @@ ROUTE_SCOPES = {
     ("api-job", "GET"): "live",
     ("api-job-events", "GET"): "live",
     ("api-job-checkpoints", "GET"): "live",
+    ("api-evaluations", "POST"): "evaluations",
+    ("evaluation_new", "POST"): "evaluations",
+    ("api-evaluation", "GET"): "live",
+    ("evaluation_detail", "GET"): "live",
 }
 
 # scope -> (what is counted, the environment variable that sets its limit)
@@ -44,7 +48,8 @@ _SCOPES = {
     "chat": ("chat completions", "CARRY_ON_USER_CHATS_PER_MINUTE"),
     "uploads": ("uploads", "CARRY_ON_USER_UPLOADS_PER_MINUTE"),
     "jobs": ("job creations", "CARRY_ON_USER_JOBS_PER_MINUTE"),
-    "live": ("job status requests", "CARRY_ON_USER_LIVE_PER_MINUTE"),
+    "live": ("job and evaluation status requests", "CARRY_ON_USER_LIVE_PER_MINUTE"),
+    "evaluations": ("evaluation creations", "CARRY_ON_USER_EVALUATIONS_PER_MINUTE"),
 }
 
 

@@ -75,6 +75,18 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return bool(request.user.has_perm(f"{opts.app_label}.change_{opts.model_name}"))
 
 
+class ClaimedWorkAdmin(ReadOnlyAdmin):
+    """Work a worker runs (fine-tuning jobs, evaluations): its progress and its error."""
+
+    @admin.display(description="progress")
+    def progress_percent(self, obj: Any) -> str:
+        return f"{obj.progress:.0%}"
+
+    @admin.display(description="error")
+    def error_pretty(self, obj: Any) -> str:
+        return _pretty_json(obj.error) if obj.error else "—"
+
+
 @admin.register(BaseModel)
 class BaseModelAdmin(admin.ModelAdmin):
     list_display = ("name", "source_type", "source", "revision", "enabled", "is_default")
@@ -192,13 +204,14 @@ class CheckpointInline(admin.TabularInline):
 
 
 @admin.register(FineTuningJob)
-class FineTuningJobAdmin(ReadOnlyAdmin):
+class FineTuningJobAdmin(ClaimedWorkAdmin):
     list_display = (
         "id",
         "owner",
         "base",
         "kind",
         "preset",
+        "parent_model",
         "status",
         "stage",
         "progress_percent",
@@ -207,23 +220,16 @@ class FineTuningJobAdmin(ReadOnlyAdmin):
         "finished_at",
     )
     list_filter = ("status", "kind", "preset", "stage", "base", "created_at")
-    search_fields = ("id", "suffix", "owner__username", "training_file__id")
+    list_select_related = ("owner", "base")
+    search_fields = ("id", "suffix", "owner__username", "training_file__id", "parent_model")
     readonly_fields = ("loss_curve", "error_pretty", "adapter_link")
     exclude = ("error",)
     inlines = [CheckpointInline, JobEventInline]
     actions = ["cancel", "retry"]
 
-    @admin.display(description="progress")
-    def progress_percent(self, obj: FineTuningJob) -> str:
-        return f"{obj.progress:.0%}"
-
     @admin.display(description="loss curve")
     def loss_curve(self, obj: FineTuningJob) -> str:
         return loss_curve_svg(job_loss_curve(job=obj)) or "—"
-
-    @admin.display(description="error")
-    def error_pretty(self, obj: FineTuningJob) -> str:
-        return _pretty_json(obj.error) if obj.error else "—"
 
     @admin.display(description="adapter")
     def adapter_link(self, obj: FineTuningJob) -> str:
@@ -269,18 +275,21 @@ class CheckpointAdmin(ReadOnlyAdmin):
 class AdapterAdmin(ReadOnlyAdmin):
     list_display = (
         "name",
+        "label",
         "owner",
         "base",
         "kind",
         "depth",
         "preset",
+        "parent",
         "active",
         "n_parameters",
         "bytes",
         "created_at",
     )
     list_filter = ("active", "kind", "preset", "base", "created_at")
-    search_fields = ("name", "owner__username", "job__id", "sha256")
+    list_select_related = ("owner", "base", "parent")
+    search_fields = ("name", "label", "owner__username", "job__id", "sha256", "parent__name")
     readonly_fields = ("metrics_pretty",)
     exclude = ("metrics",)
     actions = ["activate", "deactivate", "delete_with_artifacts"]

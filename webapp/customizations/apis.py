@@ -26,46 +26,30 @@ from rest_framework.response import Response
 
 from customization.config import TAIL_LEARNING_RATE
 from customization.presets import ADAPTER_KINDS, PRESETS
-from webapp.core.api import ApiView, ErrorSerializer, paginate, unix
+from webapp.core.api import (
+    ERRORS,
+    LIST_PARAMETERS,
+    ApiView,
+    ErrorSerializer,
+    error_object,
+    list_of,
+    paginate,
+    refuse_unknown_fields,
+    unix,
+)
 from webapp.core.exceptions import ApplicationError
 from webapp.customizations import selectors
 from webapp.customizations.models import Adapter, BaseModel, Checkpoint, File, FineTuningJob
 from webapp.customizations.services.adapters import adapter_delete
 from webapp.customizations.services.files import PURPOSES, file_create, file_delete, file_open
 from webapp.customizations.services.jobs import (
+    AUTO_HYPERPARAMETERS,
     BASE_LEARNING_RATE,
+    HYPERPARAMETER_RANGES,
     job_cancel,
     job_create,
     job_model_name,
 )
-
-# Every operation may answer these; 503: the database or the broker is briefly unreachable.
-ERRORS = {
-    400: ErrorSerializer,
-    401: ErrorSerializer,
-    404: ErrorSerializer,
-    429: ErrorSerializer,
-    503: ErrorSerializer,
-}
-LIST_PARAMETERS = [
-    OpenApiParameter("after", str, description="Cursor: the id of the last object seen."),
-    OpenApiParameter("limit", int, description="Page size, 1 to 100 (default 20)."),
-]
-
-
-def _list_of(item: type[serializers.Serializer], name: str) -> type[serializers.Serializer]:
-    """A serializer for OpenAI's list envelope around ``item`` (for the schema)."""
-    return type(
-        name,
-        (serializers.Serializer,),
-        {
-            "object": serializers.CharField(help_text="Always 'list'."),
-            "data": item(many=True),
-            "has_more": serializers.BooleanField(),
-            "first_id": serializers.CharField(allow_null=True),
-            "last_id": serializers.CharField(allow_null=True),
-        },
-    )
 
 
 class DeletedSerializer(serializers.Serializer):
@@ -143,7 +127,7 @@ class FileListCreateApi(ApiView):
     @extend_schema(
         operation_id="listFiles",
         parameters=[*LIST_PARAMETERS, OpenApiParameter("purpose", str)],
-        responses={200: _list_of(FileSerializer, "FileList"), **ERRORS},
+        responses={200: list_of(FileSerializer, "FileList"), **ERRORS},
     )
     def get(self, request: Request) -> Response:
         rows = selectors.file_list(user=request.user)
@@ -190,13 +174,19 @@ class FileContentApi(ApiView):
 # -- fine-tuning jobs ----------------------------------------------------------------------
 
 
+def _range(name: str) -> str:
+    """``"auto" (default N) or low..high``, from the service's own table."""
+    _, low, high = HYPERPARAMETER_RANGES[name]
+    return f'"auto" (default {AUTO_HYPERPARAMETERS[name]:g}) or {low:g}..{high:g}'
+
+
 class HyperparametersSerializer(serializers.Serializer):
-    n_epochs = serializers.JSONField(required=False, help_text='"auto" or 1..50')
-    batch_size = serializers.JSONField(required=False, help_text='"auto" or 1..256')
+    n_epochs = serializers.JSONField(required=False, help_text=_range("n_epochs"))
+    batch_size = serializers.JSONField(required=False, help_text=_range("batch_size"))
     learning_rate_multiplier = serializers.JSONField(
         required=False,
-        help_text=f'"auto" or a multiplier of the base rate: a carry-on\'s {BASE_LEARNING_RATE:g}, '
-        f"a tail's {TAIL_LEARNING_RATE:g}, or the preset's",
+        help_text=f"{_range('learning_rate_multiplier')}: a multiplier of the base rate, a "
+        f"carry-on's {BASE_LEARNING_RATE:g}, a tail's {TAIL_LEARNING_RATE:g}, or the preset's",
     )
 
 
@@ -251,7 +241,11 @@ _PRESETS_HELP = "Extension: " + "; ".join(f"{p.name}: {p.summary}" for p in PRES
 
 
 class JobCreateSerializer(serializers.Serializer):
-    model = serializers.CharField(max_length=128)
+    model = serializers.CharField(
+        max_length=255,
+        help_text="A base model, or one of your fine-tuned models to continue training it "
+        "(same base, kind and shape, starting from its weights)",
+    )
     training_file = serializers.CharField(max_length=64)
     validation_file = serializers.CharField(max_length=64, required=False, allow_null=True)
     hyperparameters = serializers.JSONField(required=False, allow_null=True)
@@ -271,13 +265,7 @@ class JobCreateSerializer(serializers.Serializer):
     )
 
     def to_internal_value(self, data: Any) -> Any:
-        if isinstance(data, dict):
-            for name in data:
-                if name not in self.fields:
-                    raise serializers.ValidationError(
-                        {name: [f"Unrecognized request argument supplied: {name}"]},
-                        code="unknown",
-                    )
+        refuse_unknown_fields(self, data)
         return super().to_internal_value(data)
 
     def validate_integrations(self, value: Any) -> Any:
@@ -335,26 +323,24 @@ class JobSerializer(serializers.Serializer):
     preset = serializers.CharField(allow_null=True, help_text="Extension: the preset, if any")
     carry_on = serializers.JSONField(help_text="Extension: the carry-on options ({} for a tail)")
     tail = serializers.JSONField(help_text="Extension: the tail options ({} for a carry-on)")
+    parent_model = serializers.CharField(
+        allow_null=True,
+        help_text="Extension: the fine-tuned model this job continues (then also its "
+        "'model'), or null for a job on a base",
+    )
 
 
 def job_object(job: FineTuningJob) -> dict[str, Any]:
     fine_tuned = job.fine_tuned_model if job.status == FineTuningJob.Status.SUCCEEDED else None
-    error = None
-    if job.error:
-        error = {
-            "code": str(job.error.get("code") or "error"),
-            "message": str(job.error.get("message") or ""),
-            "param": job.error.get("param"),
-        }
     return {
         "id": job.id,
         "object": "fine_tuning.job",
         "created_at": unix(job.created_at),
-        "error": error,
+        "error": error_object(job.error),
         "fine_tuned_model": fine_tuned,
         "finished_at": unix(job.finished_at),
         "hyperparameters": dict(job.hyperparameters),
-        "model": job.base.name,
+        "model": job.parent_model or job.base.name,
         "organization_id": f"user-{job.owner_id}",
         "result_files": [],
         "seed": job.seed,
@@ -376,6 +362,7 @@ def job_object(job: FineTuningJob) -> dict[str, Any]:
         "preset": job.preset or None,
         "carry_on": job.carry_on,
         "tail": job.tail,
+        "parent_model": job.parent_model or None,
     }
 
 
@@ -431,7 +418,7 @@ class JobListCreateApi(ApiView):
     @extend_schema(
         operation_id="listPaginatedFineTuningJobs",
         parameters=LIST_PARAMETERS,
-        responses={200: _list_of(JobSerializer, "FineTuningJobList"), **ERRORS},
+        responses={200: list_of(JobSerializer, "FineTuningJobList"), **ERRORS},
     )
     def get(self, request: Request) -> Response:
         rows = selectors.job_list(user=request.user, filters=_metadata_filters(request))
@@ -481,7 +468,7 @@ class JobEventListApi(ApiView):
     @extend_schema(
         operation_id="listFineTuningEvents",
         parameters=LIST_PARAMETERS,
-        responses={200: _list_of(JobEventSerializer, "FineTuningJobEventList"), **ERRORS},
+        responses={200: list_of(JobEventSerializer, "FineTuningJobEventList"), **ERRORS},
     )
     def get(self, request: Request, job_id: str) -> Response:
         rows = selectors.job_event_list(user=request.user, job_id=job_id)
@@ -523,7 +510,7 @@ class JobCheckpointListApi(ApiView):
     @extend_schema(
         operation_id="listFineTuningJobCheckpoints",
         parameters=LIST_PARAMETERS,
-        responses={200: _list_of(CheckpointSerializer, "FineTuningJobCheckpointList"), **ERRORS},
+        responses={200: list_of(CheckpointSerializer, "FineTuningJobCheckpointList"), **ERRORS},
     )
     def get(self, request: Request, job_id: str) -> Response:
         rows = selectors.checkpoint_list(user=request.user, job_id=job_id).select_related(

@@ -16,11 +16,12 @@ from typing import Any
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
 
+from webapp.core.charts import TICK_STYLE, finite, join, nice_ceiling, y_gridline
+
 WIDTH, HEIGHT = 640, 260
 LEFT, RIGHT, TOP, BOTTOM = 52, 16, 28, 36
 # More points than this are thinned evenly (the last one is always kept).
 MAX_POINTS = 600
-TICK_STYLE = mark_safe('font-size="11" fill="#4b5563"')
 SERIES = (
     ("train_loss", "#2563eb", "train loss", ""),
     ("valid_loss", "#dc2626", "validation loss", "6 3"),
@@ -32,9 +33,7 @@ def _finite(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     kept = []
     for point in points:
         clean = {
-            key: value
-            for key, value in point.items()
-            if key == "step" or (isinstance(value, int | float) and math.isfinite(value))
+            key: value for key, value in point.items() if key == "step" or finite(value) is not None
         }
         if any(key in clean for key, *_ in SERIES):
             kept.append(clean)
@@ -52,9 +51,7 @@ def _thin(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def _ticks(low: float, high: float, count: int = 5) -> list[float]:
     """Round values spanning [low, high] for the y axis."""
     span = high - low
-    raw = span / max(1, count - 1)
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    step = nice_ceiling(span / max(1, count - 1))
     first = math.ceil(low / step) * step
     ticks = []
     value = first
@@ -101,20 +98,7 @@ def loss_curve_svg(
 
     grid = []
     for tick in _ticks(low, high):
-        y = y_of(tick)
-        grid.append(
-            format_html(
-                '<line x1="{}" y1="{y}" x2="{}" y2="{y}" stroke="#e5e7eb"/>'
-                '<text x="{}" y="{ty}" {} text-anchor="end">{}</text>',
-                LEFT,
-                WIDTH - RIGHT,
-                LEFT - 6,
-                TICK_STYLE,
-                f"{tick:g}",
-                y=f"{y:.1f}",
-                ty=f"{y + 4:.1f}",
-            )
-        )
+        grid.append(y_gridline(y_of(tick), f"{tick:g}", left=LEFT, right=WIDTH - RIGHT))
     for step in sorted({0, max_step // 2, max_step}):
         grid.append(
             format_html(
@@ -180,7 +164,7 @@ def loss_curve_svg(
         ph=plot_h,
         r=WIDTH - RIGHT,
         h_minus=HEIGHT - 4,
-        grid=format_html_join("", "{}", ((g,) for g in grid)),
-        lines=format_html_join("", "{}", ((line,) for line in lines)),
-        legend=format_html_join("", "{}", ((item,) for item in legend)),
+        grid=join(grid),
+        lines=join(lines),
+        legend=join(legend),
     )

@@ -35,6 +35,7 @@ from webapp.customizations.services.jobs import (
     base_linear_shapes,
     base_num_layers,
 )
+from webapp.customizations.services.pipeline import VALID_FRACTION
 
 # From the measurement above (wall seconds = CPU seconds / 2 threads):
 # extraction 5,694 tokens × 30 layers × 576² / 36.5 s ≈ 1.6e9 "layer units" per second;
@@ -45,8 +46,8 @@ TRAIN_UNITS_PER_SECOND = 2.0e10
 OVERHEAD_SECONDS = 15.0
 # Uploads validated before loss tokens were counted: the share of tokens that are answers.
 DEFAULT_LOSS_SHARE = 0.5
-# Without a validation file this share of the training set is held out (pipeline.py).
-TRAIN_SHARE = 0.9
+# Without a validation file the pipeline holds out VALID_FRACTION; this share trains.
+TRAIN_SHARE = 1 - VALID_FRACTION
 
 
 @dataclass(frozen=True)

@@ -6,17 +6,26 @@ from typing import Any
 
 from django import forms
 
-from customization.presets import DEFAULT_PRESET, PRESETS
+from customization.presets import DEFAULT_PRESET, PRESETS, base_learning_rate
 from webapp.accounts.models import User
-from webapp.customizations.models import BaseModel, File
-from webapp.customizations.selectors import base_model_default, base_model_list, file_list
+from webapp.customizations.models import Adapter, BaseModel, File
+from webapp.customizations.selectors import (
+    adapter_list,
+    base_model_default,
+    base_model_list,
+    file_list,
+)
 from webapp.customizations.services.jobs import (
     AUTO_HYPERPARAMETERS,
     CARRY_ON_DEFAULTS,
+    HYPERPARAMETER_RANGES,
+    MIN_TRAINING_EXAMPLES,
     TAIL_DEFAULTS,
     resolve_default_taps,
 )
+from webapp.customizations.services.pipeline import MAX_VALID_EXAMPLES, VALID_FRACTION
 
+RANGES = HYPERPARAMETER_RANGES
 # Carry-on widths offered in the form (the API takes any valid width).
 D_MODEL_CHOICES = (32, 64, 128, 256, 512)
 CUSTOM = "custom"
@@ -47,7 +56,12 @@ class JobCreateForm(forms.Form):
     """A job on one file; empty numbers mean "auto", as in the API."""
 
     training_file = forms.ChoiceField(label="Training dataset")
-    model = forms.ChoiceField(label="Base model")
+    model = forms.ChoiceField(
+        label="Base model",
+        help_text="Or one of your adapters, to continue training it: the same base, kind, "
+        "size and preset, starting from its weights (the preset and size fields then "
+        "do not apply).",
+    )
     preset = forms.ChoiceField(
         label="Preset",
         choices=PRESET_CHOICES,
@@ -63,15 +77,25 @@ class JobCreateForm(forms.Form):
         help_text="With Custom: which kind to train.",
     )
     validation_file = forms.ChoiceField(label="Validation dataset", required=False)
-    n_epochs = forms.IntegerField(min_value=1, max_value=50, required=False, label="Epochs")
+    # The ranges are the service's (HYPERPARAMETER_RANGES), so the form cannot drift from it.
+    n_epochs = forms.IntegerField(
+        min_value=int(RANGES["n_epochs"][1]),
+        max_value=int(RANGES["n_epochs"][2]),
+        required=False,
+        label="Epochs",
+    )
     learning_rate_multiplier = forms.FloatField(
-        min_value=0.001,
-        max_value=10,
+        min_value=RANGES["learning_rate_multiplier"][1],
+        max_value=RANGES["learning_rate_multiplier"][2],
         required=False,
         label="Learning-rate multiplier",
-        help_text="Times the base rate of the preset or kind (a carry-on's, a tail's).",
     )
-    batch_size = forms.IntegerField(min_value=1, max_value=256, required=False, label="Batch size")
+    batch_size = forms.IntegerField(
+        min_value=int(RANGES["batch_size"][1]),
+        max_value=int(RANGES["batch_size"][2]),
+        required=False,
+        label="Batch size",
+    )
     d_model = forms.TypedChoiceField(
         label="Carry-on width",
         coerce=int,
@@ -112,7 +136,18 @@ class JobCreateForm(forms.Form):
         super().__init__(*args, **kwargs)
         bases = list(base_model_list())
         self.bases = {base.name: base for base in bases}
-        self.fields["model"].choices = [(b.name, b.name) for b in bases]
+        # A continued fine-tune runs on its parent's base; ``parents`` names them.
+        parents = list(adapter_list(user=user).filter(base__enabled=True))
+        self.parents = {adapter.name: adapter for adapter in parents}
+        self.bases.update({adapter.name: adapter.base for adapter in parents})
+        self.fields["model"].choices = [
+            ("Base models", [(b.name, b.name) for b in bases]),
+            *(
+                [("Continue training an adapter", [(a.name, _adapter_label(a)) for a in parents])]
+                if parents
+                else []
+            ),
+        ]
         default = base_model_default()
         if default is not None:
             self.fields["model"].initial = default.name
@@ -129,10 +164,11 @@ class JobCreateForm(forms.Form):
                 field.choices = [*field.choices, (training_file.id, _file_label(training_file))]
                 self.files[training_file.id] = training_file
         others = [f for f in processed if training_file is None or f.id != training_file.id]
-        self.fields["validation_file"].choices = [("", "— hold out 10% of the training set —")] + [
+        self.fields["validation_file"].choices = [("", f"— hold out {held_out_text()} —")] + [
             (f.id, _file_label(f)) for f in others
         ]
         self._placeholders()
+        self._help_texts()
 
     # (legend, fields, the adapter kind they are for: "" for every job)
     FIELDSETS = (
@@ -182,6 +218,17 @@ class JobCreateForm(forms.Form):
         self.fields["tap_mode"].initial = CARRY_ON_DEFAULTS["tap_mode"]
         self.fields["seed"].widget.attrs["placeholder"] = "random"
 
+    def _help_texts(self) -> None:
+        """Help texts that state a default read it from where it is defined (the core's
+        configs and presets), so they cannot go stale."""
+        rates = ", ".join(f"{name} {preset.learning_rate:g}" for name, preset in PRESETS.items())
+        self.fields["learning_rate_multiplier"].help_text = (
+            f"Times the base learning rate: a carry-on's {base_learning_rate('carry_on'):g}, "
+            f"a tail's {base_learning_rate('tail'):g}; with a preset, its own ({rates})."
+        )
+        minimum = f"At least {MIN_TRAINING_EXAMPLES} examples (as OpenAI requires)."
+        self.fields["training_file"].help_text = minimum
+
     def clean_taps(self) -> list[int] | None:
         raw = self.cleaned_data["taps"].strip()
         if not raw:
@@ -212,6 +259,14 @@ class JobCreateForm(forms.Form):
         depth = cleaned.get("depth")
         if depth and layers and depth > layers:
             self.add_error("depth", f"{base} has {layers} layers; the depth is at most {layers}.")
+        if self.continues() is not None:
+            for name in (*KIND_FIELDS["carry_on"], *KIND_FIELDS["tail"]):
+                if cleaned.get(name):
+                    self.add_error(
+                        name,
+                        "A continued fine-tune keeps its parent's size; leave this empty.",
+                    )
+            return cleaned
         kind = self.adapter_kind()
         for other, names in KIND_FIELDS.items():
             for name in names:
@@ -223,12 +278,20 @@ class JobCreateForm(forms.Form):
                     )
         return cleaned
 
+    def continues(self) -> Any:
+        """The adapter this job continues (chosen as its model), or None."""
+        return self.parents.get(self.cleaned_data.get("model") or "")
+
     def preset_name(self) -> str | None:
-        """The chosen preset; None for Custom (or a form posted without one)."""
+        """The chosen preset; None for Custom (or a form posted without one), and for a
+        continued fine-tune, which keeps its parent's."""
         name = self.cleaned_data.get("preset") or ""
-        return name if name in PRESETS else None
+        return name if name in PRESETS and self.continues() is None else None
 
     def adapter_kind(self) -> str:
+        parent = self.continues()
+        if parent is not None:
+            return str(parent.kind)
         preset = self.preset_name()
         if preset is not None:
             return PRESETS[preset].kind
@@ -243,14 +306,14 @@ class JobCreateForm(forms.Form):
 
     def tail(self) -> dict[str, Any] | None:
         """A tail's options the user set (None for a carry-on); the service fills the rest."""
-        if self.adapter_kind() != "tail":
+        if self.adapter_kind() != "tail" or self.continues() is not None:
             return None
         names = KIND_FIELDS["tail"]
         return {name: self.cleaned_data[name] for name in names if self.cleaned_data.get(name)}
 
     def carry_on(self) -> dict[str, Any] | None:
         """Only the options the user set (None for a tail); the service fills the defaults."""
-        if self.adapter_kind() != "carry_on":
+        if self.adapter_kind() != "carry_on" or self.continues() is not None:
             return None
         options: dict[str, Any] = {}
         for name in ("d_model", "n_blocks", "taps"):
@@ -260,6 +323,16 @@ class JobCreateForm(forms.Form):
         if self.cleaned_data.get("tap_mode") and len(taps) > 1:
             options["tap_mode"] = self.cleaned_data["tap_mode"]
         return options
+
+
+def held_out_text() -> str:
+    """What a job without a validation file holds out, as the pipeline defines it."""
+    return f"{VALID_FRACTION:.0%} of the training set (at most {MAX_VALID_EXAMPLES} examples)"
+
+
+def _adapter_label(adapter: Adapter) -> str:
+    kind = f"tail of depth {adapter.depth}" if adapter.kind == "tail" else "carry-on"
+    return f"{adapter.display_name} · {kind} on {adapter.base.name} ({adapter.name})"
 
 
 def _file_label(file: File) -> str:

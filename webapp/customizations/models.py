@@ -12,7 +12,7 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
-from webapp.core.models import TimeStampedModel, public_id_field
+from webapp.core.models import ClaimedModel, TimeStampedModel, public_id_field
 
 
 class BaseModel(TimeStampedModel):
@@ -106,7 +106,7 @@ class FeatureSet(TimeStampedModel):
         return self.key
 
 
-class FineTuningJob(TimeStampedModel):
+class FineTuningJob(ClaimedModel):
     """One customization: validate -> extract (embed queue) -> train (train queue)."""
 
     class Status(models.TextChoices):
@@ -139,6 +139,13 @@ class FineTuningJob(TimeStampedModel):
     carry_on = models.JSONField(default=dict, blank=True)
     tail = models.JSONField(default=dict, blank=True)
     seed = models.BigIntegerField(default=0)
+    # A continued fine-tune (``model`` was one of the owner's adapters): it trains the same
+    # kind and shape on the same base, starting from the parent's weights. The name stays
+    # when the parent is deleted (what the API shows as ``model``).
+    parent = models.ForeignKey(
+        "Adapter", on_delete=models.SET_NULL, null=True, blank=True, related_name="child_jobs"
+    )
+    parent_model = models.CharField(max_length=255, blank=True)
     suffix = models.CharField(max_length=64, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
     status = models.CharField(
@@ -155,27 +162,14 @@ class FineTuningJob(TimeStampedModel):
     valid_features = models.ForeignKey(
         FeatureSet, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
-    # The claim: which task execution holds the job, and when it last said so.
-    worker = models.CharField(max_length=255, blank=True)
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
-    attempts = models.IntegerField(default=0)
     # Times the waiting stage was sent again with no worker taking it (reset by a claim).
     requeues = models.IntegerField(default=0)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
 
     TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
 
     class Meta:
         ordering = ["-created_at"]
         indexes = [models.Index(fields=["owner", "-created_at"])]
-
-    def __str__(self) -> str:
-        return self.id
-
-    @property
-    def is_terminal(self) -> bool:
-        return self.status in self.TERMINAL
 
     @property
     def fine_tuned_model(self) -> str | None:
@@ -258,6 +252,10 @@ class Adapter(TimeStampedModel):
     preset = models.CharField(max_length=16, blank=True)
     # A tail's depth (its top k layers); None for a carry-on.
     depth = models.IntegerField(null=True, blank=True)
+    # The adapter it was fine-tuned from (its job's parent), if any.
+    parent = models.ForeignKey(
+        "self", on_delete=models.SET_NULL, null=True, blank=True, related_name="children"
+    )
 
     class Meta:
         ordering = ["-created_at"]

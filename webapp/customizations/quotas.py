@@ -12,6 +12,7 @@ from django.db.models import Sum
 
 from webapp.accounts.models import User
 from webapp.core.exceptions import ApplicationError
+from webapp.core.models import ClaimedModel
 from webapp.customizations.models import Adapter, Checkpoint, File, FineTuningJob
 
 
@@ -25,17 +26,31 @@ def _lock(user: User) -> None:
     User.objects.select_for_update().filter(pk=user.pk).first()
 
 
-def quota_check_active_jobs(*, user: User) -> None:
-    """Refuse one more job while the user has MAX_ACTIVE_JOBS_PER_USER unfinished ones."""
-    limit = int(settings.CARRY_ON["MAX_ACTIVE_JOBS_PER_USER"])
+def quota_check_active(
+    *, user: User, model: type[ClaimedModel], setting: str, what: str, code: str
+) -> None:
+    """Refuse one more ``model`` row while the user has ``settings.CARRY_ON[setting]``
+    unfinished ones (``what`` names them in the message)."""
+    limit = int(settings.CARRY_ON[setting])
     _lock(user)
-    active = FineTuningJob.objects.filter(owner=user).exclude(status__in=FineTuningJob.TERMINAL)
+    active = model._default_manager.filter(owner=user).exclude(status__in=model.TERMINAL)
     if active.count() >= limit:
         raise QuotaExceededError(
-            f"You have {limit} jobs validating, queued or running, the most allowed "
-            "(CARRY_ON_MAX_ACTIVE_JOBS_PER_USER). Wait for one to finish or cancel one.",
-            code="active_jobs_quota_exceeded",
+            f"You have {limit} {what}, the most allowed (CARRY_ON_{setting}). "
+            "Wait for one to finish or cancel one.",
+            code=code,
         )
+
+
+def quota_check_active_jobs(*, user: User) -> None:
+    """Refuse one more job while the user has MAX_ACTIVE_JOBS_PER_USER unfinished ones."""
+    quota_check_active(
+        user=user,
+        model=FineTuningJob,
+        setting="MAX_ACTIVE_JOBS_PER_USER",
+        what="jobs validating, queued or running",
+        code="active_jobs_quota_exceeded",
+    )
 
 
 def stored_bytes(*, user: User) -> int:

@@ -338,12 +338,45 @@ def _file_head(handle: BinaryIO) -> bytes:
 
 
 @dataclass(frozen=True)
+class PlaygroundCheckpoint:
+    """A checkpoint as the playground offers it: the model name the API serves it by."""
+
+    name: str
+    label: str
+    base_name: str
+
+
+@dataclass(frozen=True)
 class PlaygroundModels:
     bases: list[BaseModel]
     adapters: list[Adapter]
+    checkpoints: list[PlaygroundCheckpoint]
+
+
+PLAYGROUND_CHECKPOINTS = 50
 
 
 def playground_models(*, user: User) -> PlaygroundModels:
-    """What the user may chat with: enabled bases and their own active adapters."""
+    """What the user may chat with: enabled bases, their own active adapters, and the
+    checkpoints of their jobs (newest first; ``model_resolve`` serves each by its name)."""
     adapters = adapter_list(user=user, active_only=True).filter(base__enabled=True)
-    return PlaygroundModels(bases=list(base_model_list()), adapters=list(adapters))
+    rows = (
+        Checkpoint.objects.filter(job__owner=user, job__base__enabled=True)
+        .select_related("job__base", "job__owner", "job__adapter")
+        .order_by("-created_at", "-step")[:PLAYGROUND_CHECKPOINTS]
+    )
+    checkpoints = []
+    for checkpoint in rows:
+        job = checkpoint.job
+        adapter = getattr(job, "adapter", None)
+        owner = adapter.display_name if adapter is not None else job.suffix or job.id
+        checkpoints.append(
+            PlaygroundCheckpoint(
+                name=checkpoint.model_name(job_model_name(job)),
+                label=f"{owner} · step {checkpoint.step}",
+                base_name=job.base.name,
+            )
+        )
+    return PlaygroundModels(
+        bases=list(base_model_list()), adapters=list(adapters), checkpoints=checkpoints
+    )

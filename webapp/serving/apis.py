@@ -18,6 +18,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from customization.config import MAX_STOP_CHARS
+from webapp.accounts.models import ApiKey
 from webapp.core.api import ApiView, ErrorSerializer, error_body
 from webapp.serving.services import ChatRequest, SubmittedChat, chat_completion_submit
 
@@ -313,7 +314,8 @@ class ChatCompletionCreateApi(ApiView):
             frequency_penalty=data["frequency_penalty"],
             presence_penalty=data["presence_penalty"],
         )
-        submitted = chat_completion_submit(user=request.user, request=chat)
+        api_key = request.auth if isinstance(request.auth, ApiKey) else None  # None: a session
+        submitted = chat_completion_submit(user=request.user, request=chat, api_key=api_key)
         completion_id = f"chatcmpl-{secrets.token_urlsafe(18)}"
         if data["stream"]:
             include_usage = bool((data.get("stream_options") or {}).get("include_usage"))

@@ -15,6 +15,7 @@ from webapp.customizations.models import BaseModel
 from webapp.serving.runtime import load_base, warm_up
 
 _engine: Any = None
+_sampler: Any = None
 _lock = threading.Lock()
 
 
@@ -25,10 +26,11 @@ def _load_by_name(name: str) -> Any:
 
 def get_engine() -> Any:
     """The ``ServingEngine`` of this process (imports torch on first call)."""
-    global _engine
+    global _engine, _sampler
     with _lock:
         if _engine is None:
             from customization.serving import ServingEngine
+            from webapp.serving.metering import EngineSampler
 
             warm_up()
             options = settings.CARRY_ON
@@ -38,13 +40,17 @@ def get_engine() -> Any:
                 max_pending=int(options["SERVING_MAX_PENDING"]),
                 adapter_cache_bytes=int(options["SERVING_ADAPTER_CACHE_BYTES"]),
             )
+            _sampler = EngineSampler(_engine)  # its figures for /metrics
+            _sampler.start()
         return _engine
 
 
 def reset_engine() -> None:
     """Stop and forget the engine (tests; settings changes)."""
-    global _engine
+    global _engine, _sampler
     with _lock:
+        if _sampler is not None:
+            _sampler.stop()
         if _engine is not None:
             _engine.shutdown()
-        _engine = None
+        _engine = _sampler = None

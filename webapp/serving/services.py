@@ -15,11 +15,12 @@ from typing import Any
 
 from django.conf import settings
 
-from webapp.accounts.models import User
+from webapp.accounts.models import ApiKey, User
 from webapp.core.exceptions import ApplicationError
 from webapp.core.utils import data_path
 from webapp.customizations.selectors import ServableModel, model_resolve
 from webapp.serving.engine import get_engine
+from webapp.serving.metering import ChatMeter, chat_outcome
 
 
 class EngineBusyError(ApplicationError):
@@ -75,31 +76,73 @@ user_slots = _UserSlots()
 
 class HeldCompletion:
     """The engine's Completion, holding its user's slots until it ends: consumed to the end
-    (``events``/``result``), cancelled, or dropped unconsumed (garbage collected)."""
+    (``events``/``result``), cancelled, or dropped unconsumed (garbage collected).
 
-    def __init__(self, completion: Any, user_pk: Any, n: int):
+    Its meter sees every event on the way through and records the chat once it ends: how
+    it ended, its tokens and its timings (webapp/serving/metering.py).
+    """
+
+    def __init__(self, completion: Any, user_pk: Any, n: int, meter: ChatMeter | None = None):
         self._completion = completion
-        self._release = weakref.finalize(self, user_slots.give_back, user_pk, n)
+        self._user_pk, self._n, self._meter = user_pk, n, meter
+        # Dropped unconsumed: nobody is left to read it, as when the client went away.
+        self._release = weakref.finalize(
+            self, _held_end, user_pk, n, meter, completion, "disconnected"
+        )
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._completion, name)
 
+    def _end(self, outcome: str) -> None:
+        """Release and record once, whichever way the completion ends first. A client
+        that leaves after every choice has finished got its whole answer."""
+        reasons = self._meter.finish_reasons if self._meter is not None else []
+        if outcome == "disconnected" and len(reasons) >= self._n:
+            outcome = chat_outcome(reasons)
+        if self._release.detach() is not None:
+            _held_end(self._user_pk, self._n, self._meter, self._completion, outcome)
+
     def events(self, timeout: float = 300.0) -> Iterator[Any]:
+        meter = self._meter
         try:
-            yield from self._completion.events(timeout)
+            for event in self._completion.events(timeout):
+                if meter is not None:
+                    if event.text or event.token_id is not None:
+                        meter.token()
+                    if event.finish_reason is not None:
+                        meter.finished(event.finish_reason)
+                yield event
+        except Exception:
+            self._end("error")
+            raise
         finally:
-            self._release()
+            # After every choice finished this reads "stop" or "length" (see _end); before
+            # that, the consumer left. A no-op after an error.
+            self._end("disconnected")
 
     def result(self, timeout: float = 300.0) -> list[tuple[str, str]]:
-        try:
-            results: list[tuple[str, str]] = self._completion.result(timeout)
-            return results
-        finally:
-            self._release()
+        """(text, finish_reason) per choice, waiting for the end."""
+        texts, reasons = [""] * self._completion.n, [""] * self._completion.n
+        for event in self.events(timeout):
+            texts[event.index] += event.text
+            if event.finish_reason is not None:
+                reasons[event.index] = event.finish_reason
+        return list(zip(texts, reasons, strict=True))
 
     def cancel(self) -> None:
         self._completion.cancel()
-        self._release()
+        self._end("disconnected")
+
+
+def _held_end(user_pk: Any, n: int, meter: ChatMeter | None, completion: Any, outcome: str) -> None:
+    """A held completion ended: give its slots back, then record it."""
+    user_slots.give_back(user_pk, n)
+    if meter is not None:
+        meter.end(
+            outcome,
+            prompt_tokens=int(completion.prompt_tokens),
+            completion_tokens=int(completion.completion_tokens),
+        )
 
 
 @dataclasses.dataclass
@@ -130,8 +173,35 @@ def _adapter_ref(model: ServableModel) -> Any:
     return AdapterRef(adapter_id=model.adapter_id, path=data_path(model.path), sha256=model.sha256)
 
 
-def chat_completion_submit(*, user: User, request: ChatRequest) -> SubmittedChat:
-    """Check access, tokenize and queue the request; raises ApplicationError on refusal."""
+def chat_completion_submit(
+    *, user: User, request: ChatRequest, api_key: ApiKey | None = None
+) -> SubmittedChat:
+    """Check access, tokenize and queue the request; raises ApplicationError on refusal.
+
+    Every chat that gets past the model check is metered from here to its end (``api_key``
+    None: the browser's session).
+    """
+    model = model_resolve(user=user, name=request.model)
+    meter = ChatMeter(
+        user_id=user.pk,
+        api_key_id=api_key.pk if api_key is not None else None,
+        model=model.name,
+        base=model.base.name,
+        adapter=model.adapter_id if model.adapter_id == model.name else None,
+    )
+    try:
+        completion = _submit(user, model, request)
+    except BaseException as exc:
+        meter.refused(getattr(exc, "status", 500))
+        raise
+    meter.admitted()
+    return SubmittedChat(
+        model=model, completion=HeldCompletion(completion, user.pk, request.n, meter)
+    )
+
+
+def _submit(user: User, model: ServableModel, request: ChatRequest) -> Any:
+    """Tokenize, take the user's slots and queue the request in the engine."""
     from customization.config import GenerationConfig
     from customization.errors import (
         ArtifactError,
@@ -141,7 +211,6 @@ def chat_completion_submit(*, user: User, request: ChatRequest) -> SubmittedChat
         IncompatibleBaseModelError,
     )
 
-    model = model_resolve(user=user, name=request.model)
     engine = get_engine()
     try:
         prompt = engine.encode_chat(model.base.name, request.messages)
@@ -158,7 +227,7 @@ def chat_completion_submit(*, user: User, request: ChatRequest) -> SubmittedChat
         )
         user_slots.take(user, request.n)
         try:
-            completion = engine.submit(
+            return engine.submit(
                 model.base.name, prompt, config, adapter=_adapter_ref(model), n=request.n
             )
         except BaseException:
@@ -179,7 +248,6 @@ def chat_completion_submit(*, user: User, request: ChatRequest) -> SubmittedChat
         raise ApplicationError(exc.message, param=exc.param, code=exc.code) from exc
     except ValueError as exc:  # GenerationConfig's range checks
         raise ApplicationError(str(exc), code="invalid_value") from exc
-    return SubmittedChat(model=model, completion=HeldCompletion(completion, user.pk, request.n))
 
 
 def engine_counters(base_name: str) -> dict[str, int]:

@@ -43,7 +43,9 @@ INSTALLED_APPS = [
     "webapp.core",
     "webapp.accounts",
     "webapp.customizations",
+    "webapp.evaluations",
     "webapp.serving",
+    "webapp.usage",
 ]
 
 MIDDLEWARE = [
@@ -177,6 +179,7 @@ CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_TASK_ROUTES = {
     "workers.tasks.extract_job_features": {"queue": "embed"},
     "workers.tasks.train_job": {"queue": "train"},
+    "workers.tasks.run_evaluation": {"queue": "embed"},
 }
 
 # -- The carry-on platform ------------------------------------------------------------------
@@ -218,6 +221,7 @@ CARRY_ON = {
         "uploads": int(os.environ.get("CARRY_ON_USER_UPLOADS_PER_MINUTE", "30")),
         "jobs": int(os.environ.get("CARRY_ON_USER_JOBS_PER_MINUTE", "20")),
         "live": int(os.environ.get("CARRY_ON_USER_LIVE_PER_MINUTE", "300")),
+        "evaluations": int(os.environ.get("CARRY_ON_USER_EVALUATIONS_PER_MINUTE", "10")),
     },
     # Per-user quotas (a 4xx naming the quota beyond them)
     "MAX_API_KEYS_PER_USER": int(os.environ.get("CARRY_ON_MAX_API_KEYS_PER_USER", "20")),
@@ -225,6 +229,15 @@ CARRY_ON = {
     "MAX_STORED_BYTES_PER_USER": int(
         os.environ.get("CARRY_ON_MAX_STORED_BYTES_PER_USER", str(2 * 1024**3))
     ),
+    # Evaluations (webapp/evaluations): unfinished ones per user, and the most an evaluation
+    # may ask for: models, examples scored for loss, problems decoded, new tokens per answer
+    "MAX_ACTIVE_EVALUATIONS_PER_USER": int(
+        os.environ.get("CARRY_ON_MAX_ACTIVE_EVALUATIONS_PER_USER", "4")
+    ),
+    "EVALUATION_MAX_MODELS": int(os.environ.get("CARRY_ON_EVALUATION_MAX_MODELS", "8")),
+    "EVALUATION_MAX_EXAMPLES": int(os.environ.get("CARRY_ON_EVALUATION_MAX_EXAMPLES", "1000")),
+    "EVALUATION_MAX_PROBLEMS": int(os.environ.get("CARRY_ON_EVALUATION_MAX_PROBLEMS", "64")),
+    "EVALUATION_MAX_TOKENS": int(os.environ.get("CARRY_ON_EVALUATION_MAX_TOKENS", "512")),
     # browser log-in: this many failures for one username from one address (or 10x as many
     # from one address for any usernames, or LOGIN_MAX_FAILURES_PER_USERNAME for one username
     # from anywhere) lock further attempts out for LOGIN_LOCKOUT_SECONDS
@@ -257,6 +270,22 @@ CARRY_ON = {
 # -- The browser pages ------------------------------------------------------------------------
 # Self-service sign-up at /accounts/signup/; off by default (the operator creates accounts).
 CARRY_ON["SIGNUP_ENABLED"] = env_bool("CARRY_ON_SIGNUP_ENABLED", False)
+
+# -- Usage records and metrics (README "Usage" and "Metrics") ---------------------------------
+# Usage records wait in each web process's buffer and are written in one insert by a
+# background thread every USAGE_FLUSH_SECONDS, or sooner once USAGE_BATCH_SIZE wait; at
+# most USAGE_MAX_BUFFERED wait while the database is unreachable (then the oldest go).
+CARRY_ON["USAGE_FLUSH_SECONDS"] = float(os.environ.get("CARRY_ON_USAGE_FLUSH_SECONDS", "2"))
+CARRY_ON["USAGE_BATCH_SIZE"] = int(os.environ.get("CARRY_ON_USAGE_BATCH_SIZE", "200"))
+CARRY_ON["USAGE_MAX_BUFFERED"] = int(os.environ.get("CARRY_ON_USAGE_MAX_BUFFERED", "100000"))
+# /metrics answers staff sessions and "Authorization: Bearer <this token>" (unset: staff only).
+# Several processes (gunicorn workers, Celery workers) share their figures through
+# PROMETHEUS_MULTIPROC_DIR, an empty per-host folder set in the environment of all of them.
+CARRY_ON["METRICS_TOKEN"] = os.environ.get("CARRY_ON_METRICS_TOKEN", "")
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # prometheus_client writes there at import
+    Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
+# how often a web process copies its serving engine's state into the gauges
+CARRY_ON["METRICS_SAMPLE_SECONDS"] = float(os.environ.get("CARRY_ON_METRICS_SAMPLE_SECONDS", "1"))
 
 # -- REST API -------------------------------------------------------------------------------
 REST_FRAMEWORK = {

@@ -13,6 +13,9 @@ _REPO = Path(__file__).resolve().parents[2]
 os.environ.setdefault("CARRY_ON_DATA_DIR", tempfile.mkdtemp(prefix="carry-on-test-"))
 os.environ.setdefault("CARRY_ON_MODELS_DIR", str(_REPO / "data" / "base_models"))
 os.environ.setdefault("CARRY_ON_TORCH_THREADS", "2")
+# Every process of a test session (this one, its live servers and Celery workers) shares
+# its metrics through one folder, as the processes of a deployment do (README "Metrics").
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="carry-on-metrics-"))
 
 from webapp.settings.base import *  # noqa: E402, F403
 from webapp.settings.base import DATA_DIR, DATABASES, env_bool  # noqa: E402

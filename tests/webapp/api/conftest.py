@@ -52,6 +52,21 @@ def user(db: None) -> Any:
     return UserFactory()
 
 
+def create_job(api: Any, **body: Any) -> Any:
+    """POST /v1/fine_tuning/jobs with ``body`` as JSON."""
+    return api.post("/v1/fine_tuning/jobs", body, format="json")
+
+
+def openai_client(live_server: Any, user: Any, **kwargs: Any) -> Any:
+    """The official ``openai`` client against the live server, with a fresh key of ``user``
+    (no retries, so a test sees each answer; ``kwargs`` override)."""
+    import openai
+
+    _, raw = api_key_create(user=user)
+    options: dict[str, Any] = {"max_retries": 0, "timeout": 300, **kwargs}
+    return openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=raw, **options)
+
+
 def bearer_client(user: Any) -> APIClient:
     """An API client authenticated with a fresh key of ``user``."""
     _, raw = api_key_create(user=user, name="tests")

@@ -32,6 +32,7 @@ from schemathesis.checks import (
 from tests.factories import CheckpointFactory, FileFactory, FineTuningJobFactory, JobEventFactory
 from tests.helpers.carry_on_kit import toy_jsonl
 from webapp.accounts.services import api_key_create
+from webapp.evaluations.services import evaluation_create
 
 pytestmark = [pytest.mark.django_db, pytest.mark.fuzz]
 
@@ -86,11 +87,14 @@ def fuzz_world(
     checkpoint = CheckpointFactory(
         job=adapter.job, step=2, path=adapter.path, sha256=adapter.sha256
     )
+    held_out = FileFactory(owner=user, content=toy_jsonl(4))
+    evaluation = evaluation_create(user=user, file=held_out.id, models=["lively", adapter.name])
     yield {
         "authorization": f"Bearer {raw}",
         "file": [FileFactory(owner=user, content=toy_jsonl(4)).id, job.training_file_id],
         "job": [job.id, adapter.job_id],
         "model": ["lively", adapter.name, checkpoint.model_name(adapter.name)],
+        "evaluation": [evaluation.id],
     }
     app.conf.update(saved)
     _forget_producers()
@@ -107,7 +111,12 @@ def _maybe(data: st.DataObject, value: Any, choices: list[Any]) -> Any:
 
 def _steer(case: Any, data: st.DataObject, world: dict[str, Any]) -> None:
     """Point some generated ids at real records; keep generation short."""
-    for name, key in (("file_id", "file"), ("job_id", "job"), ("model", "model")):
+    for name, key in (
+        ("file_id", "file"),
+        ("job_id", "job"),
+        ("model", "model"),
+        ("evaluation_id", "evaluation"),
+    ):
         if case.path_parameters and name in case.path_parameters:
             case.path_parameters[name] = _maybe(data, case.path_parameters[name], world[key])
     body = case.body
@@ -186,7 +195,9 @@ def test_huge_nested_json_to_every_operation_is_a_client_error(
         operation = operation.ok()
         if operation.method.upper() not in ("POST", "PUT", "PATCH"):
             continue
-        path = operation.path.replace("{job_id}", fuzz_world["job"][0])
+        path = operation.path.replace("{job_id}", fuzz_world["job"][0]).replace(
+            "{evaluation_id}", fuzz_world["evaluation"][0]
+        )
         for payload in (body, wide + "}"):
             response = client.generic(
                 operation.method.upper(), path, payload, content_type="application/json"

@@ -513,7 +513,7 @@ class World(dict[str, str]):
         if self.stranger is None:
             self.stranger = UserFactory()
         if key == "file":
-            value = FileFactory(owner=self.user, content=toy_jsonl(8)).id
+            value = FileFactory(owner=self.user, content=toy_jsonl(12)).id
         elif key in ("foreign_file", "foreign_job"):
             job = FineTuningJobFactory(owner=self.stranger, status="queued")
             self["foreign_file"], self["foreign_job"] = job.training_file_id, job.id

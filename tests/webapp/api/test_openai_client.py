@@ -20,16 +20,9 @@ from customization.demo_data import generate_demo_problems
 from tests.factories import UserFactory
 from tests.helpers.carry_on_kit import toy_jsonl
 from tests.helpers.celery_workers import Workers
-from webapp.accounts.services import api_key_create
+from tests.webapp.api.conftest import openai_client
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def _client(live_server: Any, user: Any, **kwargs: Any) -> openai.OpenAI:
-    _, raw = api_key_create(user=user)
-    return openai.OpenAI(
-        base_url=f"{live_server.url}/v1", api_key=raw, max_retries=0, timeout=300, **kwargs
-    )
 
 
 def _demo_jsonl(n: int) -> bytes:
@@ -57,7 +50,7 @@ def test_the_openai_client_fine_tunes_and_chats_on_the_real_base(
     pool = workers()
     pool.start("all", "default,embed,train")
     user = UserFactory()
-    client = _client(live_server, user)
+    client = openai_client(live_server, user)
 
     uploaded = client.files.create(file=("demo.jsonl", _demo_jsonl(20)), purpose="fine-tune")
     assert uploaded.status == "processed"
@@ -123,7 +116,7 @@ def test_error_paths_raise_the_right_openai_exceptions(
 ) -> None:
     """Bad key, foreign or missing ids, bad data, too large and too many each map right."""
     user = UserFactory()
-    client = _client(live_server, user)
+    client = openai_client(live_server, user)
     foreign = make_adapter(UserFactory(), lively_base_model, seed=2)
     hello = [{"role": "user", "content": "hi"}]
 
@@ -156,7 +149,7 @@ def test_error_paths_raise_the_right_openai_exceptions(
     assert too_large.value.status_code == 413
 
     settings.CARRY_ON = {**settings.CARRY_ON, "RATE_LIMIT_PER_MINUTE": 2}
-    limited = _client(live_server, user)
+    limited = openai_client(live_server, user)
     limited.models.list()
     limited.models.list()
     with pytest.raises(openai.RateLimitError) as rate:
@@ -190,7 +183,7 @@ def test_concurrent_streams_on_two_adapters_share_the_base_forward(
         ).text
         for a, p in zip(adapters, prompts, strict=True)
     ]
-    client = _client(live_server, user)
+    client = openai_client(live_server, user)
     client.chat.completions.create(
         model="lively", messages=[{"role": "user", "content": "x"}], max_tokens=1
     )  # fmt: skip  (loads the base once)

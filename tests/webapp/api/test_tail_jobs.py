@@ -9,21 +9,15 @@ then a streamed chat with each result.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
-import openai
 import pytest
 
 from tests.factories import AdapterFactory, FileFactory, FineTuningJobFactory, UserFactory
 from tests.helpers.celery_workers import Workers
-from webapp.accounts.services import api_key_create
+from tests.webapp.api.conftest import create_job, openai_client
 from webapp.customizations.services.jobs import TAIL_DEFAULTS
-
-
-def _create(api: Any, **body: Any) -> Any:
-    return api.post("/v1/fine_tuning/jobs", body, format="json")
 
 
 @pytest.mark.django_db
@@ -32,14 +26,14 @@ def test_a_preset_job_object_carries_kind_preset_and_tail(
 ) -> None:
     """POST with preset "balanced" answers a tail job: kind, preset and its resolved tail."""
     file = FileFactory(owner=user)
-    response = _create(api, model="lively", training_file=file.id, preset="balanced")
+    response = create_job(api, model="lively", training_file=file.id, preset="balanced")
     assert response.status_code == 200, response.json()
     job = response.json()
     assert (job["kind"], job["preset"], job["carry_on"]) == ("tail", "balanced", {})
     assert job["tail"] == {**TAIL_DEFAULTS, "depth": 2}  # the two-layer base holds 2
     fetched = api.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
     assert (fetched["kind"], fetched["tail"]["depth"]) == ("tail", 2)
-    plain = _create(api, model="lively", training_file=file.id).json()
+    plain = create_job(api, model="lively", training_file=file.id).json()
     assert (plain["kind"], plain["preset"], plain["tail"]) == ("carry_on", None, {})
 
 
@@ -60,7 +54,7 @@ def test_bad_presets_and_tail_options_are_openai_400s_naming_the_param(
 ) -> None:
     """Each is a 400 in OpenAI's error shape whose param names the wrong field."""
     file = FileFactory(owner=user)
-    response = _create(api, model="lively", training_file=file.id, **body)
+    response = create_job(api, model="lively", training_file=file.id, **body)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == param
 
@@ -98,19 +92,6 @@ def _demo_jsonl(n: int) -> bytes:
     return "".join(json.dumps(row) + "\n" for row in generate_demo_problems(n, seed=0)).encode()
 
 
-def _follow(client: openai.OpenAI, job_id: str, pool: Workers, timeout: float = 1800) -> list[Any]:
-    """The job's events (oldest first) once it has finished; fails unless it succeeded."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        events = list(client.fine_tuning.jobs.list_events(job_id, limit=100))[::-1]
-        if any(e.message == "The job has successfully completed" for e in events):
-            return events
-        job = client.fine_tuning.jobs.retrieve(job_id)
-        assert job.status not in ("failed", "cancelled"), f"{job.error}\n{pool.tail()}"
-        time.sleep(1)
-    raise AssertionError(f"{job_id} did not finish\n{pool.tail()}")
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
@@ -122,10 +103,7 @@ def test_each_preset_trains_and_chats_through_the_openai_client(
     pool = workers()
     pool.start("all", "default,embed,train")
     user = UserFactory()
-    _, raw = api_key_create(user=user)
-    client = openai.OpenAI(
-        base_url=f"{live_server.url}/v1", api_key=raw, max_retries=0, timeout=600
-    )
+    client = openai_client(live_server, user, timeout=600)
     uploaded = client.files.create(file=("demo.jsonl", _demo_jsonl(12)), purpose="fine-tune")
     layers = smollm2.fingerprint["num_layers"]
     expected = {"fast": ("carry_on", None), "balanced": ("tail", 16), "best": ("tail", layers)}
@@ -145,7 +123,7 @@ def test_each_preset_trains_and_chats_through_the_openai_client(
 
     models: dict[str, str] = {}
     for preset, job_id in jobs.items():
-        events = _follow(client, job_id, pool)
+        events = pool.follow(client, job_id, timeout=1800, poll=1)
         assert any(e.type == "metrics" for e in events), preset
         job = client.fine_tuning.jobs.retrieve(job_id)
         assert job.status == "succeeded"

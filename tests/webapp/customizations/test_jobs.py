@@ -155,18 +155,19 @@ def test_retry_sends_a_failed_job_back_to_validation(
 def test_auto_hyperparameters_resolve_from_the_data(
     tiny_base_model: Any, django_capture_on_commit_callbacks: Any
 ) -> None:
-    """After validation every "auto" is a number; batch size never exceeds the data."""
+    """After validation every "auto" is a number, from the data and the defaults."""
     from workers import tasks
 
     user = UserFactory()
-    file = FileFactory(owner=user, content=toy_jsonl(4))
+    # The smallest file a job takes: 10 examples, 1 held out, 9 to train on.
+    file = FileFactory(owner=user, content=toy_jsonl(10))
     with django_capture_on_commit_callbacks(execute=False):
         job = job_create(user=user, training_file=file.id, carry_on={"d_model": 16, "n_heads": 2})
         tasks.validate_job_files.apply(args=[job.id])
     job.refresh_from_db()
     assert job.status == Status.QUEUED
     assert job.stage == "extracting"
-    assert job.hyperparameters == {"n_epochs": 3, "batch_size": 3, "learning_rate_multiplier": 1.0}
+    assert job.hyperparameters == {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 1.0}
     assert job.carry_on["max_length"] == file.max_example_tokens
     assert job.carry_on["checkpoint_every"] >= 1
 
@@ -177,7 +178,7 @@ def test_a_job_with_no_options_trains_the_core_default_carry_on(tiny_base_model:
     from webapp.customizations.services.pipeline import job_carry_on_config, job_training_config
 
     user = UserFactory()
-    file = FileFactory(owner=user, content=toy_jsonl(4))
+    file = FileFactory(owner=user, content=toy_jsonl(12))
     job = job_create(user=user, training_file=file.id)
     layers = tiny_base_model.fingerprint["num_layers"]
     assert job.carry_on["taps"] == list(default_taps(layers))

@@ -8,16 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.test import Client
 from django.utils.html import escape
 
 from customization.presets import PRESETS
 from tests.factories import (
-    PASSWORD,
     AdapterFactory,
     FileFactory,
     FineTuningJobFactory,
     UserFactory,
+    signed_in,
+    tail_adapter,
 )
 from webapp.core.exceptions import ApplicationError
 from webapp.core.utils import data_path, write_bytes_atomic
@@ -173,19 +173,13 @@ def test_a_tail_above_the_parameter_ceiling_is_refused(deep_base: BaseModel, set
 # -- the browser side: the form, the estimate, the pages, the download, the admin ----------
 
 
-def _signed_in(user: Any) -> Client:
-    client = Client()
-    assert client.login(username=user.username, password=PASSWORD)
-    return client
-
-
 def test_the_job_form_offers_each_preset_with_its_summary_and_estimate(
     tiny_base_model: Any,
 ) -> None:
     """Every preset is a radio button with its summary and its own time estimate."""
     user = UserFactory()
     file = FileFactory(owner=user)
-    html = _signed_in(user).get(f"/jobs/new/?training_file={file.id}").content.decode()
+    html = signed_in(user).get(f"/jobs/new/?training_file={file.id}").content.decode()
     for name, preset in PRESETS.items():
         assert f'name="preset" value="{name}"' in html
         assert escape(preset.summary) in html
@@ -220,7 +214,7 @@ def test_the_job_form_starts_the_chosen_preset_or_custom_kind(
     user = UserFactory()
     file = FileFactory(owner=user)
     with django_capture_on_commit_callbacks(execute=False):
-        response = _signed_in(user).post(
+        response = signed_in(user).post(
             "/jobs/new/", {"training_file": file.id, "model": "tiny", **fields}
         )
     assert response.status_code == 302, response.content.decode()[-2000:]
@@ -244,7 +238,7 @@ def test_the_job_form_refuses_options_that_do_not_fit(
     """Options of the other kind, or a depth beyond the base, are form errors: no job."""
     user = UserFactory()
     file = FileFactory(owner=user)
-    response = _signed_in(user).post(
+    response = signed_in(user).post(
         "/jobs/new/", {"training_file": file.id, "model": "tiny", **fields}
     )
     assert response.status_code == 400
@@ -270,7 +264,7 @@ def test_the_estimate_endpoint_answers_for_the_kind_and_every_preset(
     """best takes longer than balanced, which takes longer than fast; each preset is told."""
     user = UserFactory()
     file = FileFactory(owner=user)
-    client = _signed_in(user)
+    client = signed_in(user)
 
     def seconds(**query: Any) -> float:
         body = client.get("/jobs/estimate/", {"training_file": file.id, **query}).json()
@@ -286,16 +280,8 @@ def test_the_estimate_endpoint_answers_for_the_kind_and_every_preset(
 def test_job_and_adapter_pages_show_kind_depth_and_preset(tiny_base_model: Any) -> None:
     """The job page and the adapter list name the kind, the tail depth and the preset."""
     user = UserFactory()
-    job = FineTuningJobFactory(
-        owner=user,
-        status="succeeded",
-        kind="tail",
-        preset="balanced",
-        carry_on={},
-        tail={**TAIL_DEFAULTS, "depth": 2},
-    )
-    AdapterFactory(job=job, kind="tail", depth=2, preset="balanced")
-    client = _signed_in(user)
+    job = tail_adapter(owner=user).job
+    client = signed_in(user)
     page = " ".join(client.get(f"/jobs/{job.id}/").content.decode().split())
     assert "tail · preset balanced" in page
     assert "depth 2 (LoRA on the top 2 layers) · rank 8" in page
@@ -312,13 +298,13 @@ def test_a_tail_adapter_downloads_as_a_zip_of_its_whole_folder(tiny_base_model: 
     names = ["adapter_config.json", "adapter_model.safetensors", "carry_on_tail.json"]
     for name in [*names, "extra/README.md"]:
         write_bytes_atomic(folder / name, name.encode())
-    response = _signed_in(user).get(f"/adapters/{adapter.pk}/download/")
+    response = signed_in(user).get(f"/adapters/{adapter.pk}/download/")
     assert response.status_code == 200
     with zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content))) as bundle:
         assert sorted(bundle.namelist()) == sorted([*names, "extra/README.md"])
         assert bundle.read("adapter_config.json") == b"adapter_config.json"
     (folder / "adapter_model.safetensors").unlink()
-    assert _signed_in(user).get(f"/adapters/{adapter.pk}/download/").status_code == 404
+    assert signed_in(user).get(f"/adapters/{adapter.pk}/download/").status_code == 404
 
 
 def test_the_admin_lists_show_kind_depth_and_preset(tiny_base_model: Any) -> None:
@@ -328,7 +314,7 @@ def test_the_admin_lists_show_kind_depth_and_preset(tiny_base_model: Any) -> Non
         status="succeeded", kind="tail", preset="best", carry_on={}, tail=dict(TAIL_DEFAULTS)
     )
     AdapterFactory(job=job, kind="tail", depth=7, preset="best")
-    client = _signed_in(admin)
+    client = signed_in(admin)
     jobs = client.get("/admin/customizations/finetuningjob/?kind=tail").content.decode()
     assert 'column-kind"' in jobs
     assert 'column-preset"' in jobs

@@ -87,7 +87,9 @@ def test_valid_upload_then_start_a_job_from_the_page(
     """A valid file shows its counts and a job form; posting it creates a queued job."""
     user = UserFactory()
     client = _client(user)
-    response = client.post("/", {"file": SimpleUploadedFile("ok.jsonl", toy_jsonl(6))}, follow=True)
+    response = client.post(
+        "/", {"file": SimpleUploadedFile("ok.jsonl", toy_jsonl(12))}, follow=True
+    )
     file = File.objects.get()
     html = response.content.decode()
     assert file.status == "processed"
@@ -113,7 +115,7 @@ def test_job_form_errors_are_shown(tiny_base_model: Any) -> None:
     """A refused job request re-renders the page with the reason and status 400."""
     user = UserFactory()
     client = _client(user)
-    client.post("/", {"file": SimpleUploadedFile("ok.jsonl", toy_jsonl(3))})
+    client.post("/", {"file": SimpleUploadedFile("ok.jsonl", toy_jsonl(12))})
     file = File.objects.get()
     response = client.post(f"/files/{file.id}/jobs/", {"model": "tiny", "n_epochs": "999"})
     assert response.status_code == 400
@@ -208,7 +210,7 @@ def test_dataset_page_previews_examples_as_the_chat_template_renders_them(
 ) -> None:
     """The report lists counts; the preview shows the first examples with template tokens."""
     user = UserFactory()
-    file = FileFactory(owner=user, content=toy_jsonl(5))
+    file = FileFactory(owner=user, content=toy_jsonl(12))
     html = _client(user).get(f"/files/{file.id}/").content.decode()
     assert "Valid examples" in html
     assert "Line 1" in html

@@ -23,14 +23,14 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.utils import timezone
 
 from customization.config import CarryOnConfig, TailConfig, TrainingConfig, default_taps
 from customization.presets import PRESETS, Preset, get_preset
 from webapp.accounts.models import User
 from webapp.core.exceptions import ApplicationError, ConflictError, ServiceUnavailableError
+from webapp.core.models import status_update
 from webapp.core.utils import remove_artifact
-from webapp.customizations.models import BaseModel, File, FineTuningJob, JobEvent
+from webapp.customizations.models import Adapter, BaseModel, File, FineTuningJob, JobEvent
 from webapp.customizations.quotas import quota_check_active_jobs
 
 logger = logging.getLogger(__name__)
@@ -130,31 +130,43 @@ def job_create(
 
     A job trains one adapter kind (DESIGN §1b): a carry-on (``carry_on`` options) or a tail
     (``tail`` options). A ``preset`` picks the kind and fills defaults; options given with
-    it win over the preset's.
+    it win over the preset's. A ``model`` naming one of the user's adapters continues it, as
+    OpenAI's API does: the same base, kind, shape and preset, starting from its weights.
 
     If the broker does not take the task, the job is withdrawn (deleted) and
     ``ServiceUnavailableError`` (503) is raised: the caller retries, and no job waits for a
     message that was never sent.
     """
-    base = _resolve_base(model)
+    parent = _resolve_parent(user, model)
+    base = _resolve_base(parent.base if parent is not None else model)
     train = _resolve_file(user, training_file, "training_file")
+    _check_training_size(train)
     valid = _resolve_file(user, validation_file, "validation_file") if validation_file else None
-    chosen = _resolve_preset(preset)
-    kind = _job_kind(chosen, carry_on=carry_on, tail=tail)
-    if kind == "tail":
-        shape = {"tail": _check_tail(tail or {}, base=base, preset=chosen), "carry_on": {}}
+    if parent is not None:
+        preset_name, kind, shape = _continued_options(
+            parent, base=base, preset=preset, carry_on=carry_on, tail=tail
+        )
     else:
-        shape = {"carry_on": _check_carry_on(carry_on or {}, base=base, preset=chosen), "tail": {}}
+        chosen = _resolve_preset(preset)
+        preset_name = chosen.name if chosen else ""
+        kind = _job_kind(chosen, carry_on=carry_on, tail=tail)
+        if kind == "tail":
+            shape = {"tail": _check_tail(tail or {}, base=base, preset=chosen), "carry_on": {}}
+        else:
+            options = _check_carry_on(carry_on or {}, base=base, preset=chosen)
+            shape = {"carry_on": options, "tail": {}}
     with transaction.atomic():
         quota_check_active_jobs(user=user)
         job = FineTuningJob.objects.create(
             owner=user,
             base=base,
+            parent=parent,
+            parent_model=parent.name if parent is not None else "",
             training_file=train,
             validation_file=valid,
             hyperparameters=_check_hyperparameters(hyperparameters or {}),
             kind=kind,
-            preset=chosen.name if chosen else "",
+            preset=preset_name,
             **shape,
             suffix=_check_suffix(suffix),
             seed=_check_seed(seed),
@@ -190,6 +202,108 @@ def _resolve_base(model: str | BaseModel | None) -> BaseModel:
         )
         raise ApplicationError(message, param="model", code="model_not_available")
     return base
+
+
+def _resolve_parent(user: User, model: str | BaseModel | None) -> Adapter | None:
+    """The user's adapter a fine-tuned ``model`` name (``ft:...``) continues; None for a base.
+
+    Another user's adapter answers 404 exactly as a missing one does (never tell which). A
+    checkpoint is servable but not a parent: its job's fine-tuned model is.
+    """
+    from webapp.customizations.selectors import adapter_list, model_resolve
+
+    if not isinstance(model, str) or not model.startswith("ft:"):
+        return None
+    adapter = adapter_list(user=user).filter(name=model).first()
+    if adapter is not None:
+        return adapter
+    model_resolve(user=user, name=model)  # NotFoundError (404) unless it is theirs
+    raise ApplicationError(
+        f"{model} is a checkpoint; continue fine-tuning from its job's fine-tuned model "
+        "instead (a checkpoint cannot be a job's model)",
+        param="model",
+        code="model_not_available",
+    )
+
+
+def _continued_options(
+    parent: Adapter,
+    *,
+    base: BaseModel,
+    preset: str | None,
+    carry_on: Mapping[str, Any] | None,
+    tail: Mapping[str, Any] | None,
+) -> tuple[str, str, dict[str, Any]]:
+    """A continued fine-tune's preset, kind and options: the parent's kind and shape plus the
+    extras the request gives (max_length, ...). An option that contradicts the parent's
+    shape, a preset other than its, or the other kind's options are 400s naming them."""
+    source = parent.job
+    if source is None or not job_options(source):
+        raise ApplicationError(
+            f"the job that trained {parent.name} was deleted, so its shape is unknown; "
+            "it cannot be fine-tuned further",
+            param="model",
+            code="model_not_available",
+        )
+    kind, spelled = source.kind, source.kind.replace("_", "-")
+    if preset not in (None, "") and preset != source.preset:
+        trained = f"preset {source.preset!r}" if source.preset else "no preset (custom)"
+        raise ApplicationError(
+            f"{parent.name} was trained with {trained}; a continued fine-tune keeps its "
+            "parent's preset (leave preset out)",
+            param="preset",
+        )
+    other = "tail" if kind == "carry_on" else "carry_on"
+    if _given(tail if other == "tail" else carry_on):
+        raise ApplicationError(
+            f"{parent.name} is a {spelled}: {other} options do not apply to continuing it",
+            param=other,
+        )
+    given = (tail if kind == "tail" else carry_on) or {}
+    _check_known(given, TAIL_DEFAULTS if kind == "tail" else CARRY_ON_DEFAULTS, kind)
+    keys = _TAIL_SHAPE_KEYS if kind == "tail" else _SHAPE_KEYS
+    shape = {key: job_options(source)[key] for key in keys}
+    for key in keys:
+        if key in given and _normalized(key, given[key], base) != shape[key]:
+            raise ApplicationError(
+                f"{kind}.{key} is {shape[key]!r} in {parent.name}; a continued fine-tune "
+                "keeps its parent's shape (leave the option out)",
+                param=f"{kind}.{key}",
+            )
+    values = {**given, **shape}
+    if kind == "tail":
+        return source.preset, kind, {"tail": _check_tail(values, base=base), "carry_on": {}}
+    return source.preset, kind, {"carry_on": _check_carry_on(values, base=base), "tail": {}}
+
+
+def _normalized(key: str, value: Any, base: BaseModel) -> Any:
+    """An option as a job stores it once resolved, to compare with a parent's."""
+    if key == "taps" and value == "auto":
+        return list(resolve_default_taps(base))
+    if key == "target_modules" and value == "all-linear":
+        return list(_TAIL.target_modules)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def job_options(job: FineTuningJob) -> dict[str, Any]:
+    """The adapter's options (shape, feature and training extras) of either kind."""
+    options: dict[str, Any] = job.tail if job.kind == "tail" else job.carry_on
+    return options
+
+
+# OpenAI refuses a training file with fewer examples: too few to learn from, and a user
+# would rather hear so at once than from a job that ran.
+MIN_TRAINING_EXAMPLES = 10
+
+
+def _check_training_size(file: File) -> None:
+    if file.n_examples < MIN_TRAINING_EXAMPLES:
+        raise ApplicationError(
+            f"Training file {file.id} has {file.n_examples} example(s), but must have at "
+            f"least {MIN_TRAINING_EXAMPLES} examples",
+            param="training_file",
+            code="invalid_n_examples",
+        )
 
 
 def _resolve_file(user: User, value: str | File, param: str) -> File:
@@ -573,19 +687,7 @@ def job_transition(
         raise ConflictError(
             f"a {job.status} job cannot become {to}", param="status", code="invalid_transition"
         )
-    now = timezone.now()
-    values: dict[str, Any] = {"status": to, "updated_at": now, **fields}
-    if to in FineTuningJob.TERMINAL:
-        values.setdefault("finished_at", now)
-        values.setdefault("worker", "")
-    rows = FineTuningJob.objects.filter(pk=job.pk, status=job.status)
-    if only_worker is not None:
-        rows = rows.filter(worker=only_worker)
-    if not rows.update(**values):
-        return False
-    for name, value in values.items():
-        setattr(job, name, value)
-    return True
+    return status_update(job, to, only_worker=only_worker, **fields)
 
 
 def job_cancel(*, job: FineTuningJob, user: User | None = None) -> FineTuningJob:

@@ -30,6 +30,7 @@ from webapp.customizations.services.jobs import (
     enqueue_stage,
     job_event_create,
     job_model_name,
+    job_options,
     job_transition,
 )
 
@@ -261,12 +262,6 @@ def job_splits(job: FineTuningJob) -> JobSplits:
 def job_options_field(job: FineTuningJob) -> str:
     """The job field holding its adapter's options: ``carry_on`` or ``tail``."""
     return "tail" if job.kind == "tail" else "carry_on"
-
-
-def job_options(job: FineTuningJob) -> dict[str, Any]:
-    """The adapter's options (shape, feature and training extras) of either kind."""
-    options: dict[str, Any] = getattr(job, job_options_field(job))
-    return options
 
 
 def job_tail_config(job: FineTuningJob) -> Any:
@@ -521,6 +516,22 @@ def job_record_metrics(*, job: FineTuningJob, data: dict[str, Any], message: str
     job_event_create(job=job, type="metrics", message=message, data=finite_json(data))
 
 
+def job_parent_artifact(job: FineTuningJob) -> tuple[Path, str] | None:
+    """Where a continued fine-tune's parent artifact is and its recorded sha256; None for a
+    job that starts from scratch. A parent deleted since the job was created fails it."""
+    if not job.parent_model:
+        return None
+    parent = Adapter.objects.filter(pk=job.parent_id).first() if job.parent_id else None
+    if parent is None:
+        raise ApplicationError(
+            f"the model this job continues, {job.parent_model}, was deleted before training "
+            "started",
+            param="model",
+            code="parent_model_deleted",
+        )
+    return data_path(parent.path), parent.sha256
+
+
 def job_training_resumed(*, job: FineTuningJob, step: int, worker: str = "") -> None:
     """Forget metrics of steps after the checkpoint: the resumed run replays them."""
     job.events.filter(type="metrics", data__step__gt=step).delete()
@@ -595,6 +606,8 @@ def job_succeed(
         )
         if not moved:
             return None
+        # Read now, not from the claim: the parent may have been deleted while this trained.
+        parent = Adapter.objects.filter(pk=job.parent_id).first() if job.parent_id else None
         adapter = Adapter.objects.create(
             name=job_model_name(job),
             owner=job.owner,
@@ -608,6 +621,7 @@ def job_succeed(
             kind=job.kind,
             preset=job.preset,
             depth=int(job.tail["depth"]) if job.kind == "tail" else None,
+            parent=parent,
         )
         job_event_create(job=job, message=f"New fine-tuned model created: {adapter.name}")
         job_event_create(job=job, message="The job has successfully completed")

@@ -26,7 +26,7 @@ from webapp.customizations.views.common import get_or_404
 @login_required
 @require_GET
 def adapter_list(request: HttpRequest) -> HttpResponse:
-    adapters = selectors.adapter_list(user=request.user).select_related("job")
+    adapters = selectors.adapter_list(user=request.user).select_related("job", "parent")
     return render(request, "customizations/adapter_list.html", {"adapters": adapters})
 
 

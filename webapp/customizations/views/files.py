@@ -17,6 +17,7 @@ from webapp.customizations.estimates import file_job_estimate
 from webapp.customizations.forms import FileUploadForm
 from webapp.customizations.services.examples import example_dataset_list, example_file_create
 from webapp.customizations.services.files import file_create
+from webapp.customizations.services.jobs import MIN_TRAINING_EXAMPLES
 from webapp.customizations.views.common import bound, get_or_404
 
 
@@ -82,6 +83,7 @@ def file_detail(request: HttpRequest, file_id: str) -> HttpResponse:
         "file": file,
         "preview": selectors.file_preview(file=file),
         "estimate": file_job_estimate(file=file, base=selectors.base_model_default()),
+        "min_examples": MIN_TRAINING_EXAMPLES,
     }
     return render(request, "customizations/file_detail.html", context)
 

@@ -15,7 +15,7 @@ from webapp.core.exceptions import ApplicationError
 from webapp.customizations import selectors
 from webapp.customizations.charts import loss_curve_svg
 from webapp.customizations.estimates import duration_text, file_job_estimate, preset_estimates
-from webapp.customizations.forms import EstimateQuery, JobCreateForm
+from webapp.customizations.forms import EstimateQuery, JobCreateForm, held_out_text
 from webapp.customizations.models import FineTuningJob
 from webapp.customizations.services.jobs import CANCELLABLE, job_cancel, job_create, job_retry
 from webapp.customizations.views.common import bound, get_or_404
@@ -31,8 +31,11 @@ def job_list(request: HttpRequest) -> HttpResponse:
 @login_required
 @require_http_methods(["GET", "POST"])
 def job_new(request: HttpRequest) -> HttpResponse:
-    """The new-job page; ``?training_file=`` preselects a dataset."""
+    """The new-job page; ``?training_file=`` preselects a dataset, ``?model=`` a base or
+    one of the user's adapters to continue."""
     initial = {"training_file": request.GET.get("training_file", "")}
+    if request.GET.get("model"):  # e.g. an adapter's "Continue training"
+        initial["model"] = request.GET["model"]
     form = JobCreateForm(*bound(request), user=request.user, initial=initial)
     return _job_form(request, form)
 
@@ -189,6 +192,7 @@ def _job_context(page: selectors.JobPage) -> dict[str, Any]:
         "elapsed": duration_text(page.elapsed_seconds) if page.elapsed_seconds else "",
         "cancellable": job.status in CANCELLABLE,
         "retryable": job.status == FineTuningJob.Status.FAILED,
+        "held_out": held_out_text(),
     }
 
 

@@ -56,6 +56,7 @@ class Command(BaseCommand):
         self._ensure_admin()
         if options["setup_only"]:
             return
+        self._metrics_folder()
         children: list[tuple[str, subprocess.Popen[bytes]]] = []
         if not options["no_worker"]:
             for name, queues in WORKERS:
@@ -92,6 +93,17 @@ class Command(BaseCommand):
         self.stdout.write(self.style.WARNING("Created an admin account (shown only this once):"))
         self.stdout.write(f"  username: {username}\n  password: {password}")
 
+    def _metrics_folder(self) -> None:
+        """One PROMETHEUS_MULTIPROC_DIR for the web server and the workers, so /metrics
+        shows all of them; emptied at each start, as prometheus_client asks."""
+        folder = Path(
+            os.environ.get("PROMETHEUS_MULTIPROC_DIR") or Path(settings.DATA_DIR) / "metrics"
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.db"):
+            stale.unlink()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)  # inherited by the children
+
     def _start_worker(self, name: str, queues: str) -> subprocess.Popen[bytes]:
         command = [
             sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
@@ -102,7 +114,14 @@ class Command(BaseCommand):
 
     def _start_web(self, addr: str) -> subprocess.Popen[bytes]:
         command = [sys.executable, "manage.py", "runserver", "--noreload", addr]
-        return subprocess.Popen(command, cwd=settings.BASE_DIR, start_new_session=True)
+        return subprocess.Popen(
+            command,
+            cwd=settings.BASE_DIR,
+            start_new_session=True,
+            # SIGINT is how it is stopped (_interrupt_web): never inherit it ignored, as a
+            # command started in the background of a shell would.
+            preexec_fn=_default_sigint,
+        )
 
     def _supervise(self, children: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
         stopping = {"flag": False}
@@ -120,10 +139,28 @@ class Command(BaseCommand):
                     stopping["flag"] = True
             time.sleep(0.5)
         self.stdout.write("Stopping ...")
+        _interrupt_web(children)
         _terminate([child for _, child in children])
         if failed:
             raise CommandError(failed)
         self.stdout.write("Stopped.")
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _interrupt_web(
+    children: list[tuple[str, subprocess.Popen[bytes]]], grace: float = 10.0
+) -> None:
+    """runserver exits through its normal shutdown on SIGINT (on SIGTERM it just dies), so
+    what it still buffers (usage records) is written first."""
+    web = [child for name, child in children if name == "web" and child.poll() is None]
+    for child in web:
+        child.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(child.poll() is None for child in web):
+        time.sleep(0.2)
 
 
 def _terminate(children: list[subprocess.Popen[bytes]]) -> None:
