@@ -245,17 +245,24 @@ def load_lm_head(base_dir: Path) -> tuple[Any, int]:
 # -- result files -------------------------------------------------------------------------------
 
 
+def _write_text(target: Path, text: str) -> None:
+    staging = target.with_name(f".{target.name}.tmp")
+    staging.write_text(text, "utf-8")
+    os.replace(staging, target)
+
+
+def write_json(target: Path, value: Any) -> None:
+    """``value`` as indented JSON at ``target``, written atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _write_text(target, json.dumps(value, indent=2) + "\n")
+
+
 def write_results(out_dir: Path, name: str, result: dict[str, Any], markdown: str) -> list[Path]:
     """``<name>.json`` and ``<name>.md`` in ``out_dir``, each written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for suffix, text in ((".json", json.dumps(result, indent=2) + "\n"), (".md", markdown)):
-        target = out_dir / f"{name}{suffix}"
-        staging = target.with_name(f".{target.name}.tmp")
-        staging.write_text(text, "utf-8")
-        os.replace(staging, target)
-        written.append(target)
-    return written
+    write_json(out_dir / f"{name}.json", result)
+    _write_text(out_dir / f"{name}.md", markdown)
+    return [out_dir / f"{name}.json", out_dir / f"{name}.md"]
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -20,9 +20,11 @@ tuned LoRA's best loss, ``best`` the one closest to it.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +34,11 @@ from bench.common import (
     machine_info,
     machine_markdown,
     md_table,
+    median,
     parse_sized,
     resolve_base,
     run_child,
+    write_json,
     write_results,
 )
 from customization.config import default_taps
@@ -45,9 +49,12 @@ FULL = {
     "held_out_problems": 128,
     "max_length": 320,
     "epochs": 3,
-    "depths": "2,4,8,12,16,L",
-    "tail_lrs": "1e-3,2e-3",
-    "lora_lrs": "2e-4,5e-4,1e-3,2e-3",
+    "depths": "16,12,L,8,4,2",
+    "tail_lrs": "2e-3",
+    "lora_lrs": "2e-3,1e-3,5e-4,2e-4",
+    "extra": "tail:16:1e-3:8,tail:16:2e-3:16",
+    "timing_problems": 64,
+    "timing_depths": "16,12,L",
 }
 QUICK = {
     "train_problems": 16,
@@ -57,6 +64,9 @@ QUICK = {
     "depths": "1,L",
     "tail_lrs": "2e-3",
     "lora_lrs": "1e-3",
+    "extra": "",
+    "timing_problems": 8,
+    "timing_depths": "1,L",
 }
 
 
@@ -68,8 +78,48 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
 
-def _depths(text: str, num_layers: int) -> list[int]:
-    return [num_layers if x == "L" else int(x) for x in text.split(",") if x]
+def _depth(text: str, num_layers: int) -> int:
+    return num_layers if text == "L" else int(text)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One configuration of the sweep: its kind, depth (tails), learning rate and rank."""
+
+    kind: str  # "carry_on", "tail" or "lora"
+    learning_rate: float | None = None
+    depth: int | None = None
+    rank: int = 8
+
+    @property
+    def run_id(self) -> str:
+        if self.kind == "tail":
+            return f"tail-k{self.depth}-r{self.rank}-lr{self.learning_rate:g}"
+        if self.kind == "lora":
+            return f"lora-all-lr{self.learning_rate:g}"
+        return "carry-on"
+
+    @property
+    def name(self) -> str:
+        if self.kind == "tail":
+            rank = "" if self.rank == 8 else f" r={self.rank}"
+            return f"tail k={self.depth}{rank}"
+        return {"lora": "PEFT LoRA all-linear", "carry_on": "carry-on (fast)"}[self.kind]
+
+
+def plan(args: argparse.Namespace, num_layers: int) -> list[Run]:
+    """The sweep in the order it runs: the likely presets and the tuned peer first, so a
+    run cut short (the full sweep takes hours on two cores) has measured what matters."""
+    depths = [_depth(x, num_layers) for x in args.depths.split(",") if x]
+    tails = [Run("tail", lr, d) for d in depths for lr in _floats(args.tail_lrs)]
+    loras = [Run("lora", lr) for lr in _floats(args.lora_lrs)]
+    extra = []
+    for item in (x for x in args.extra.split(",") if x):
+        _, depth, lr, rank = item.split(":")
+        extra.append(Run("tail", float(lr), _depth(depth, num_layers), int(rank)))
+    # Interleave: LoRA's likely best rate, the deep tails, then the rest.
+    head, rest = loras[:1] + tails[:3], loras[1:2] + tails[3:] + [Run("carry_on")]
+    return head + rest + extra + loras[2:]
 
 
 def _spec(args: argparse.Namespace, work: Path, base_dir: Path, **extra: Any) -> dict[str, Any]:
@@ -88,134 +138,264 @@ def _spec(args: argparse.Namespace, work: Path, base_dir: Path, **extra: Any) ->
     }
 
 
-def _summary(name: str, run: dict[str, Any], **shape: Any) -> dict[str, Any]:
+def _run_spec(run: Run, args: argparse.Namespace, work: Path, base_dir: Path) -> dict[str, Any]:
+    out = {"out_dir": str(work / run.run_id)}
+    if run.kind == "lora":
+        return _spec(
+            args,
+            work,
+            base_dir,
+            kind="lora",
+            lora="lora-all",
+            learning_rate=run.learning_rate,
+            **out,
+        )
+    if run.kind == "tail":
+        return _spec(
+            args,
+            work,
+            base_dir,
+            kind="tail",
+            learning_rate=run.learning_rate,
+            tail={"depth": run.depth, "rank": run.rank},
+            **out,
+        )
+    return _spec(args, work, base_dir, kind="carry_on", carry_on={}, **out)
+
+
+def _summary(run: Run, record: dict[str, Any]) -> dict[str, Any]:
     """Best epoch (keep-best), the training time to it and the process's peak RSS."""
-    losses = [e["valid_loss"] for e in run["epochs"]]
+    result = record["result"]
+    losses = [e["valid_loss"] for e in result["epochs"]]
     best = min(range(len(losses)), key=losses.__getitem__)
-    to_best = run["setup_seconds"] + sum(e["epoch_seconds"] for e in run["epochs"][: best + 1])
+    epochs = result["epochs"][: best + 1]
     return {
-        "name": name,
-        **shape,
-        "learning_rate": run["learning_rate"],
+        "run_id": run.run_id,
+        "name": run.name,
+        "kind": run.kind,
+        "depth": run.depth,
+        "rank": run.rank,
+        "learning_rate": result["learning_rate"],
         "losses": losses,
         "best_loss": losses[best],
         "best_epoch": best + 1,
-        "seconds_to_best": to_best + run["save_seconds"],
-        "peak_rss_bytes": run["peak_rss_bytes"],
-        "trainable_parameters": run["trainable_parameters"],
-        "cpu_share_others": run["cpu_share_others"],
+        "seconds_to_best": result["setup_seconds"]
+        + sum(e["epoch_seconds"] for e in epochs)
+        + result["save_seconds"],
+        "peak_rss_bytes": result["peak_rss_bytes"],
+        "trainable_parameters": result["trainable_parameters"],
+        "cpu_share_others": result["cpu_share_others"],
+        "extraction_seconds": record.get("extraction_seconds") or 0.0,
     }
+
+
+def _sized(args: argparse.Namespace) -> dict[str, Any]:
+    """What makes two runs comparable: a stored run is reused only at the same size."""
+    keys = ("train_problems", "held_out_problems", "max_length", "epochs", "threads", "gsm8k")
+    return {k: getattr(args, k) for k in keys}
+
+
+def _stored(folder: Path, run: Run, sized: dict[str, Any]) -> dict[str, Any] | None:
+    path = folder / f"{run.run_id}.json"
+    if not path.exists():
+        return None
+    record: dict[str, Any] = json.loads(path.read_text("utf-8"))
+    return record if record.get("sized") == sized else None
+
+
+def _extraction(args: argparse.Namespace, work: Path, base_dir: Path, taps: list[int]) -> Any:
+    _log(f"extraction of states {taps} (one base forward for every run below) ...")
+    return run_child(CHILD, _spec(args, work, base_dir, kind="extract", taps=taps), work_dir=work)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import json
-
+    """Every planned run not already stored in ``args.runs``; each result is stored as soon as
+    it is measured, so the sweep resumes where it stopped (``--max-runs`` bounds a sitting)."""
     base_dir = resolve_base(args.base)
     num_layers = int(json.loads((base_dir / "config.json").read_text())["num_hidden_layers"])
-    depths = _depths(args.depths, num_layers)
+    runs = plan(args, num_layers)
+    sized = _sized(args)
+    folder: Path = args.runs
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [r for r in runs if _stored(folder, r, sized) is None][: args.max_runs]
     taps = sorted(
-        {t % (num_layers + 1) for t in default_taps(num_layers)} | {num_layers - d for d in depths}
+        {t % (num_layers + 1) for t in default_taps(num_layers)}
+        | {num_layers - r.depth for r in runs if r.depth}
     )
-    runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="presets-bench-") as folder:
-        work = Path(folder)
-        _log(f"extraction of states {taps} (one base forward for every run below) ...")
-        extraction = run_child(
-            CHILD, _spec(args, work, base_dir, kind="extract", taps=taps), work_dir=work
+    work = Path(args.work or tempfile.mkdtemp(prefix="presets-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    extraction = None
+    for item in todo:
+        spec = _run_spec(item, args, work, base_dir)
+        if item.kind != "lora":
+            if extraction is None:
+                extraction = _extraction(args, work, base_dir, taps)
+            spec |= {k: extraction[k] for k in ("train_dir", "held_out_dir", "fingerprint")}
+        _log(f"{item.run_id} ...")
+        result = run_child(CHILD, spec, work_dir=work)
+        record = {
+            "sized": sized,
+            "machine": machine_info(args.threads),
+            "extraction_seconds": extraction and extraction["job_seconds"],
+            "result": result,
+        }
+        write_json(folder / f"{item.run_id}.json", record)
+        _log(
+            f"{item.run_id}: held-out loss per epoch {[e['valid_loss'] for e in result['epochs']]}"
         )
-        shared = {k: extraction[k] for k in ("train_dir", "held_out_dir", "fingerprint")}
-        _log("fast: the default carry-on ...")
-        spec = _spec(args, work, base_dir, kind="carry_on", carry_on={}, out_dir=str(work / "c"))
-        runs.append(
-            _summary(
-                "carry-on (fast)",
-                run_child(CHILD, {**spec, **shared}, work_dir=work),
-                kind="carry_on",
-                depth=None,
-            )
-        )
-        for depth in depths:
-            for lr in _floats(args.tail_lrs):
-                _log(f"tail depth {depth}, lr {lr} ...")
-                spec = _spec(
-                    args,
-                    work,
-                    base_dir,
-                    kind="tail",
-                    tail={"depth": depth},
-                    learning_rate=lr,
-                    out_dir=str(work / f"tail{depth}-{lr}"),
-                    **shared,
-                )
-                result = run_child(CHILD, spec, work_dir=work)
-                runs.append(_summary(f"tail k={depth}", result, kind="tail", depth=depth))
-        for lr in _floats(args.lora_lrs):
-            _log(f"PEFT LoRA all-linear, lr {lr} ...")
-            spec = _spec(
-                args,
-                work,
-                base_dir,
-                kind="lora",
-                lora="lora-all",
-                learning_rate=lr,
-                out_dir=str(work / f"lora-{lr}"),
-            )
-            runs.append(
-                _summary(
-                    "PEFT LoRA all-linear",
-                    run_child(CHILD, spec, work_dir=work),
-                    kind="lora",
-                    depth=num_layers,
-                )
-            )
+    done = [(r, _stored(folder, r, sized)) for r in runs]
+    summaries = [_summary(r, record) for r, record in done if record]
+    timing = _stored_timing(folder, sized)
     return {
         "machine": machine_info(args.threads),
-        "extraction": extraction,
-        "args": {k: v for k, v in vars(args).items() if k != "out"} | {"out": str(args.out)},
-        "runs": runs,
-        "analysis": analyse(runs, extraction["job_seconds"]),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "planned": [r.run_id for r in runs],
+        "missing": [r.run_id for r, record in done if not record],
+        "runs": summaries,
+        "timing": timing,
+        "analysis": analyse(summaries, timing) if summaries else None,
     }
 
 
-def analyse(runs: Sequence[dict[str, Any]], extraction_seconds: float) -> dict[str, Any]:
+# -- timing: side by side, on a quiet machine ------------------------------------------------
+
+
+def timing(args: argparse.Namespace, rounds: int = 3) -> dict[str, Any]:
+    """Wall time of the likely picks against tuned LoRA's, measured side by side.
+
+    The loss runs take hours and other work may share the cores meanwhile, so their clocks
+    are not compared. Here each candidate trains one epoch on the same ``timing_problems``
+    subset, the candidates interleaved (A B C, A B C, ...) for ``rounds`` rounds; the median
+    epoch of each gives the time ratios. Extraction is timed for each tail's own state (what
+    its first job runs: the base below the tail, once).
+    """
+    base_dir = resolve_base(args.base)
+    num_layers = int(json.loads((base_dir / "config.json").read_text())["num_hidden_layers"])
+    wanted = {_depth(x, num_layers) for x in args.timing_depths.split(",")}
+    candidates = [
+        r
+        for r in plan(args, num_layers)
+        if (r.kind == "carry_on" or r.depth in wanted) and r.rank == 8
+    ]
+    candidates = list({(r.kind, r.depth): r for r in candidates}.values())
+    peer = Run("lora", _floats(args.lora_lrs)[0])
+    small = argparse.Namespace(
+        **{
+            **vars(args),
+            "train_problems": args.timing_problems,
+            "held_out_problems": 4,
+            "epochs": 1,
+        }
+    )
+    work = Path(tempfile.mkdtemp(prefix="presets-timing-"))
+    epochs: dict[str, list[float]] = {}
+    extraction_seconds: dict[str, float] = {}
+    features: dict[str, dict[str, Any]] = {}
+    for item in candidates:  # each tail's own state, timed as its first job would run it
+        (work / item.run_id).mkdir(parents=True)
+        taps = [num_layers - item.depth] if item.depth else list(default_taps(num_layers))
+        extraction = _extraction(small, work / item.run_id, base_dir, taps)
+        extraction_seconds[item.run_id] = extraction["job_seconds"]
+        features[item.run_id] = {
+            k: extraction[k] for k in ("train_dir", "held_out_dir", "fingerprint")
+        }
+    (work / peer.run_id).mkdir()
+    for _ in range(rounds):
+        for item in [peer, *candidates]:
+            spec = _run_spec(item, small, work / item.run_id, base_dir)
+            spec |= features.get(item.run_id, {})
+            result = run_child(CHILD, spec, work_dir=work / item.run_id)
+            epochs.setdefault(item.run_id, []).append(result["epochs"][0]["epoch_seconds"])
+            _log(f"timing {item.run_id}: {epochs[item.run_id][-1]:.1f} s")
+    record = {
+        "sized": _sized(args),
+        "machine": machine_info(args.threads),
+        "timing_problems": args.timing_problems,
+        "peer": peer.run_id,
+        "epoch_seconds": {k: median(v) for k, v in epochs.items()},
+        "epoch_seconds_all": epochs,
+        "extraction_seconds": extraction_seconds,
+    }
+    write_json(args.runs / "timing.json", record)
+    return record
+
+
+def _stored_timing(folder: Path, sized: dict[str, Any]) -> dict[str, Any] | None:
+    path = folder / "timing.json"
+    if not path.exists():
+        return None
+    record: dict[str, Any] = json.loads(path.read_text("utf-8"))
+    return record if record.get("sized") == sized else None
+
+
+def _times(r: dict[str, Any], lora: dict[str, Any], timing: dict[str, Any] | None) -> None:
+    """Time ratios against tuned LoRA's time to its best epoch: from the side-by-side
+    timing where it covers the run, else from the loss runs' own clocks (marked)."""
+    measured = timing["epoch_seconds"] if timing else {}
+    if r["run_id"] in measured and timing and timing["peer"] in measured:
+        peer = lora["best_epoch"] * measured[timing["peer"]]
+        train = r["best_epoch"] * measured[r["run_id"]] if r["kind"] != "lora" else peer
+        extract = timing["extraction_seconds"].get(r["run_id"], 0.0)
+        r["time_source"] = "side by side"
+    else:
+        peer, train = lora["seconds_to_best"], r["seconds_to_best"]
+        extract = 0.0 if r["kind"] == "lora" else r.get("extraction_seconds", 0.0)
+        r["time_source"] = "own clock"
+    r["cache_hit_ratio"] = train / peer
+    r["first_job_ratio"] = (train + extract) / peer
+
+
+def analyse(runs: Sequence[dict[str, Any]], timing: dict[str, Any] | None) -> dict[str, Any]:
     """Tuned LoRA's best, ratios against it, the Pareto front and the presets' picks."""
-    lora = min((r for r in runs if r["kind"] == "lora"), key=lambda r: r["best_loss"])
+    loras = [r for r in runs if r["kind"] == "lora"]
+    if not loras:
+        return {"tuned_lora": None, "balanced": None, "best": None}
+    lora = min(loras, key=lambda r: r["best_loss"])
     for r in runs:
         r["loss_ratio"] = r["best_loss"] / lora["best_loss"]
-        r["time_ratio"] = r["seconds_to_best"] / lora["seconds_to_best"]
-        r["first_job_ratio"] = (
-            r["seconds_to_best"] + (0 if r["kind"] == "lora" else extraction_seconds)
-        ) / lora["seconds_to_best"]
         r["rss_ratio"] = r["peak_rss_bytes"] / lora["peak_rss_bytes"]
+        _times(r, lora, timing)
+    for r in runs:
         r["pareto"] = not any(
-            o["seconds_to_best"] < r["seconds_to_best"] and o["best_loss"] < r["best_loss"]
+            o["first_job_ratio"] < r["first_job_ratio"] and o["best_loss"] < r["best_loss"]
             for o in runs
         )
     ours = [r for r in runs if r["kind"] != "lora"]
     within = [r for r in ours if r["loss_ratio"] <= 1.10]
-    balanced = min(within, key=lambda r: r["seconds_to_best"]) if within else None
-    best = min(ours, key=lambda r: r["best_loss"])
+    balanced = min(within, key=lambda r: r["first_job_ratio"]) if within else None
+    best = min(ours, key=lambda r: r["best_loss"]) if ours else None
+    keys = (
+        "name",
+        "depth",
+        "rank",
+        "learning_rate",
+        "loss_ratio",
+        "first_job_ratio",
+        "cache_hit_ratio",
+        "rss_ratio",
+    )
     return {
         "tuned_lora": {k: lora[k] for k in ("learning_rate", "best_loss", "best_epoch")},
-        "balanced": balanced and {k: balanced[k] for k in ("name", "depth", "learning_rate")},
-        "best": {k: best[k] for k in ("name", "depth", "learning_rate", "loss_ratio")},
+        "balanced": balanced and {k: balanced[k] for k in keys},
+        "best": best and {k: best[k] for k in keys},
     }
 
 
 def markdown(result: dict[str, Any]) -> str:
-    analysis = result["analysis"]
+    analysis = result["analysis"] or {}
     rows = [
         [
             r["name"],
-            r["learning_rate"],
+            f"{r['learning_rate']:g}",
             " / ".join(fmt(x, 3) for x in r["losses"]),
             f"**{r['best_loss']:.4f}** (ep {r['best_epoch']})",
-            fmt(r["loss_ratio"]),
-            fmt(r["seconds_to_best"], 0),
-            fmt(r["first_job_ratio"]),
+            fmt(r.get("loss_ratio"), 3),
+            fmt(r.get("first_job_ratio")),
+            fmt(r.get("cache_hit_ratio")),
+            r.get("time_source", ""),
             fmt(r["peak_rss_bytes"] / 1e9),
-            fmt(r["rss_ratio"]),
-            "yes" if r["pareto"] else "",
+            fmt(r.get("rss_ratio")),
+            "yes" if r.get("pareto") else "",
             fmt(r["cpu_share_others"]),
         ]
         for r in result["runs"]
@@ -226,9 +406,10 @@ def markdown(result: dict[str, Any]) -> str:
             "lr",
             "held-out loss per epoch",
             "best",
-            "vs tuned LoRA",
-            "s to best",
+            "loss vs tuned LoRA",
             "first job vs LoRA",
+            "cache-hit job vs LoRA",
+            "time from",
             "peak RSS GB",
             "RSS vs LoRA",
             "Pareto",
@@ -236,15 +417,31 @@ def markdown(result: dict[str, Any]) -> str:
         ],
         rows,
     )
+    timing = result["timing"]
+    timing_text = (
+        f"Times: each candidate's epoch on the same {timing['timing_problems']} problems, "
+        f"interleaved, median of {len(next(iter(timing['epoch_seconds_all'].values())))} "
+        f"rounds: {', '.join(f'{k} {v:.1f} s' for k, v in timing['epoch_seconds'].items())}; "
+        f"extraction of each tail's own state on the same problems: "
+        f"{', '.join(f'{k} {v:.1f} s' for k, v in timing['extraction_seconds'].items())}.\n\n"
+        if timing
+        else "No side-by-side timing stored yet: times are the loss runs' own clocks.\n\n"
+    )
+    missing = result["missing"]
     return (
         "# Presets benchmark (tails against tuned LoRA)\n\n"
         f"Written by `python -m bench.presets_bench`; {__doc__.splitlines()[0]}\n\n"
         + machine_markdown(result["machine"])
-        + f"\nExtraction (first job only): {result['extraction']['job_seconds']:.0f} s.\n\n"
+        + (
+            f"\n**Not yet run** (the sweep resumes with them): {', '.join(missing)}.\n"
+            if missing
+            else ""
+        )
+        + "\n"
+        + timing_text
         + table
-        + f"\n\nTuned LoRA: lr {analysis['tuned_lora']['learning_rate']}, best held-out loss "
-        f"{analysis['tuned_lora']['best_loss']:.4f}. Picks: balanced = {analysis['balanced']}, "
-        f"best = {analysis['best']}.\n"
+        + f"\n\nTuned LoRA: {analysis.get('tuned_lora')}.\n\nPicks: balanced = "
+        f"{analysis.get('balanced')}; best = {analysis.get('best')}.\n"
     )
 
 
@@ -256,14 +453,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for r in result["runs"]:
+        if "first_job_ratio" not in r:
+            continue
         marker = {"lora": "s", "tail": "o", "carry_on": "^"}[r["kind"]]
-        axes.scatter(r["seconds_to_best"], r["best_loss"], marker=marker)
+        axes.scatter(r["first_job_ratio"], r["best_loss"], marker=marker)
         axes.annotate(
             f"{r['name']} {r['learning_rate']:g}",
-            (r["seconds_to_best"], r["best_loss"]),
+            (r["first_job_ratio"], r["best_loss"]),
             fontsize=7,
         )
-    axes.set_xlabel("training seconds to the best epoch")
+    axes.set_xlabel("first job's time to its best epoch / tuned LoRA's")
     axes.set_ylabel("best held-out loss")
     axes.set_title("Tails vs tuned PEFT LoRA (Pareto)")
     figure.tight_layout()
@@ -272,15 +471,30 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = bench_parser("bench.presets_bench", __doc__, "smoke size: 16/8 problems, 1 epoch")
+    sizes = ("train_problems", "held_out_problems", "max_length", "epochs", "timing_problems")
     for option in FULL:
         parser.add_argument(
-            f"--{option.replace('_', '-')}",
-            default=None,
-            type=int
-            if option in ("train_problems", "held_out_problems", "max_length", "epochs")
-            else str,
+            f"--{option.replace('_', '-')}", default=None, type=int if option in sizes else str
         )
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        help="where each run's result is kept "
+        "(default: <out>/presets_runs, or a temporary folder with --quick)",
+    )
+    parser.add_argument("--work", help="scratch folder for features and artifacts")
+    parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    parser.add_argument(
+        "--timing",
+        action="store_true",
+        help="only measure the side-by-side timing (needs a quiet machine)",
+    )
     args = parse_sized(parser, argv, full=FULL, quick=QUICK)
+    if args.runs is None:
+        args.runs = Path(tempfile.mkdtemp()) if args.quick else args.out / "presets_runs"
+    if args.timing:
+        timing(args, rounds=1 if args.quick else 3)
+        args.max_runs = 0  # then only the report, from the stored runs
     result = run(args)
     name = "presets_quick" if args.quick else "presets"
     write_results(args.out, name, result, markdown(result))
