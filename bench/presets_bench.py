@@ -328,14 +328,22 @@ def _stored_timing(folder: Path, sized: dict[str, Any]) -> dict[str, Any] | None
     return record if record.get("sized") == sized else None
 
 
+def _shape(run_id: str) -> str:
+    """A run's id without its learning rate: ``tail-k16-r8``, ``lora-all``."""
+    return run_id.rsplit("-lr", 1)[0]
+
+
 def _times(r: dict[str, Any], lora: dict[str, Any], timing: dict[str, Any] | None) -> None:
     """Time ratios against tuned LoRA's time to its best epoch: from the side-by-side
     timing where it covers the run, else from the loss runs' own clocks (marked)."""
-    measured = timing["epoch_seconds"] if timing else {}
-    if r["run_id"] in measured and timing and timing["peer"] in measured:
-        peer = lora["best_epoch"] * measured[timing["peer"]]
-        train = r["best_epoch"] * measured[r["run_id"]] if r["kind"] != "lora" else peer
-        extract = timing["extraction_seconds"].get(r["run_id"], 0.0)
+    # The learning rate does not change the time: timings are matched by shape.
+    measured = {_shape(k): v for k, v in (timing["epoch_seconds"] if timing else {}).items()}
+    extraction = {_shape(k): v for k, v in (timing or {}).get("extraction_seconds", {}).items()}
+    mine = _shape(r["run_id"])
+    if timing and mine in measured and _shape(timing["peer"]) in measured:
+        peer = lora["best_epoch"] * measured[_shape(timing["peer"])]
+        train = r["best_epoch"] * measured[mine] if r["kind"] != "lora" else peer
+        extract = extraction.get(mine, 0.0)
         r["time_source"] = "side by side"
     else:
         peer, train = lora["seconds_to_best"], r["seconds_to_best"]

@@ -4,7 +4,7 @@
     balanced  a tail over the base's top 16 layers (LoRA on every linear)
     best      a tail over every layer: LoRA on all linear layers, trained from the embeddings
 
-Picked by ``bench/presets_bench.py`` (bench/results/presets.md: 64 training / 32 held-out
+Picked by ``bench/presets_bench.py`` (bench/results/presets_64x32.md: 64 training / 32 held-out
 GSM8K problems, 2 epochs, PEFT LoRA all-linear tuned over four learning rates, best 2e-3):
 ``balanced`` is the cheapest run within 10 % of tuned LoRA's loss (depth 16: 1.07x; depth 8
 was 1.20x), ``best`` the closest (every layer: 1.00x). The 512 / 128 run may move them.
