@@ -15,12 +15,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from customization.durable import replace_durably
+from customization.runtime import set_up_torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_GSM8K = REPO_ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -136,13 +140,49 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def set_threads(threads: int) -> None:
-    import torch
+T = TypeVar("T")
 
-    torch.set_num_threads(threads)
+
+def run_together(jobs: Sequence[Callable[[], T | None]]) -> tuple[list[T], float]:
+    """Run the jobs on their own threads, released at once; (results that are not None,
+    wall seconds from the release to the last one's end)."""
+    results: list[T | None] = [None] * len(jobs)
+    barrier = threading.Barrier(len(jobs) + 1)
+
+    def one(index: int) -> None:
+        barrier.wait()
+        results[index] = jobs[index]()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    return [r for r in results if r is not None], seconds
 
 
 # -- children: one process per training run, so peak RSS is per run ------------------------------
+
+
+def child_spec(
+    args: argparse.Namespace, work: Path, base_dir: Path, **extra: Any
+) -> dict[str, Any]:
+    """A training child's spec: the base, the data and its size from ``args``, the feature
+    cache under ``work``, then ``extra``."""
+    return {
+        "threads": args.threads,
+        "base_dir": str(base_dir),
+        "gsm8k": args.gsm8k,
+        "n_train": args.train_problems,
+        "n_held_out": args.held_out_problems,
+        "max_length": args.max_length,
+        "epochs": args.epochs,
+        "cache_dir": str(work / "features"),
+        **extra,
+    }
 
 
 def run_child(module: str, spec: dict[str, Any], *, work_dir: Path) -> dict[str, Any]:
@@ -175,7 +215,7 @@ def run_child(module: str, spec: dict[str, Any], *, work_dir: Path) -> dict[str,
 def child_main(run: Any) -> int:
     """Entry point of a child: read the spec, run, write the result with the peak RSS."""
     spec = json.loads(Path(sys.argv[1]).read_text("utf-8"))
-    set_threads(int(spec["threads"]))
+    set_up_torch(int(spec["threads"]))
     result = run(spec)
     result["peak_rss_bytes"] = peak_rss_bytes()
     Path(sys.argv[2]).write_text(json.dumps(result), "utf-8")
@@ -234,7 +274,8 @@ def load_lm_head(base_dir: Path) -> tuple[Any, int]:
     """Only the base's LM head weight (V, D) and its layer count, read from safetensors.
 
     A carry-on training node needs the frozen head and the cached features, not the base
-    (DESIGN §2); this is the core's own reader (``customization.tail.load_tail_parts``).
+    (docs/architecture.md, "What a training node holds"); this is the core's own reader
+    (``customization.tail.load_tail_parts``).
     """
     from customization.tail import load_tail_parts
 
@@ -248,7 +289,7 @@ def load_lm_head(base_dir: Path) -> tuple[Any, int]:
 def _write_text(target: Path, text: str) -> None:
     staging = target.with_name(f".{target.name}.tmp")
     staging.write_text(text, "utf-8")
-    os.replace(staging, target)
+    replace_durably(staging, target)
 
 
 def write_json(target: Path, value: Any) -> None:

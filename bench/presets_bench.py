@@ -20,6 +20,7 @@ tuned LoRA's best loss, ``best`` the one closest to it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import tempfile
@@ -30,7 +31,9 @@ from typing import Any
 
 from bench.common import (
     bench_parser,
+    child_spec,
     fmt,
+    load_problems,
     machine_info,
     machine_markdown,
     md_table,
@@ -123,19 +126,7 @@ def plan(args: argparse.Namespace, num_layers: int) -> list[Run]:
 
 
 def _spec(args: argparse.Namespace, work: Path, base_dir: Path, **extra: Any) -> dict[str, Any]:
-    return {
-        "threads": args.threads,
-        "base_dir": str(base_dir),
-        "gsm8k": args.gsm8k,
-        "n_train": args.train_problems,
-        "n_held_out": args.held_out_problems,
-        "max_length": args.max_length,
-        "epochs": args.epochs,
-        "batch_size": 8,
-        "seed": 0,
-        "cache_dir": str(work / "features"),
-        **extra,
-    }
+    return child_spec(args, work, base_dir, **({"batch_size": 8, "seed": 0} | extra))
 
 
 def _run_spec(run: Run, args: argparse.Namespace, work: Path, base_dir: Path) -> dict[str, Any]:
@@ -190,9 +181,16 @@ def _summary(run: Run, record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sized(args: argparse.Namespace) -> dict[str, Any]:
-    """What makes two runs comparable: a stored run is reused only at the same size."""
-    keys = ("train_problems", "held_out_problems", "max_length", "epochs", "threads", "gsm8k")
-    return {k: getattr(args, k) for k in keys}
+    """What makes two runs comparable: a stored run is reused only at the same size and on
+    the same problems (their source and a digest of their bytes, not the file's path: a
+    sitting whose GSM8K file is missing falls back to generated problems)."""
+    keys = ("train_problems", "held_out_problems", "max_length", "epochs", "threads")
+    problems = load_problems(args.gsm8k, args.train_problems, args.held_out_problems)
+    digest = hashlib.sha256(problems.train + b"\0" + problems.held_out).hexdigest()
+    return {k: getattr(args, k) for k in keys} | {
+        "data": problems.source,
+        "data_sha256": digest,
+    }
 
 
 def _stored(folder: Path, run: Run, sized: dict[str, Any]) -> dict[str, Any] | None:
@@ -215,6 +213,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     num_layers = int(json.loads((base_dir / "config.json").read_text())["num_hidden_layers"])
     runs = plan(args, num_layers)
     sized = _sized(args)
+    _log(f"problems: {sized['data']}")
     folder: Path = args.runs
     folder.mkdir(parents=True, exist_ok=True)
     todo = [r for r in runs if _stored(folder, r, sized) is None][: args.max_runs]

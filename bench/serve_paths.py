@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import threading
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from bench.common import Problems
+from bench.common import Problems, run_together
 from bench.lora import load_hf_model, lora_config
 from customization.base_model import FrozenBase, load_base_model
 from customization.checkpoint import load_carry_on, save_carry_on
@@ -50,12 +50,7 @@ class _FirstToken:
 def _trained_like(base: FrozenBase, seed: int) -> Any:
     """A default-size carry-on with every weight moved off its init, so it changes outputs."""
     config = CarryOnConfig()
-    carry_on = build_carry_on(
-        config,
-        tap_sizes=[base.hidden_size] * len(config.taps),
-        hidden_size=base.hidden_size,
-        seed=seed,
-    )
+    carry_on = build_carry_on(config, width=base.hidden_size, seed=seed)
     with torch.no_grad():
         for parameter in carry_on.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.02)
@@ -180,22 +175,14 @@ class Bench:
 
     def engine_concurrent(self, new_tokens: int) -> tuple[int, float]:
         """One request per adapter, all submitted at once from their own threads."""
-        timings: list[Timing] = [Timing(0, 0.0, 0.0)] * len(self.refs)
-        barrier = threading.Barrier(len(self.refs) + 1)
-
-        def request(index: int) -> None:
-            barrier.wait()
-            prompt = self.mixed_prompts[index % len(self.mixed_prompts)]
-            timings[index] = self._engine(prompt, new_tokens, self.refs[index])
-
-        threads = [threading.Thread(target=request, args=(i,)) for i in range(len(self.refs))]
-        for thread in threads:
-            thread.start()
-        barrier.wait()
-        started = time.perf_counter()
-        for thread in threads:
-            thread.join()
-        return sum(t.tokens for t in timings), time.perf_counter() - started
+        prompts = self.mixed_prompts
+        timings, seconds = run_together(
+            [
+                functools.partial(self._engine, prompts[i % len(prompts)], new_tokens, ref)
+                for i, ref in enumerate(self.refs)
+            ]
+        )
+        return sum(t.tokens for t in timings), seconds
 
     def engine_sequential(self, new_tokens: int) -> tuple[int, float]:
         started = time.perf_counter()

@@ -36,6 +36,104 @@ def _concurrency_table(result: dict[str, Any]) -> str:
     return md_table(headers, rows)
 
 
+def _times(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{fmt(value, digits)}×"
+
+
+def _scale_concurrency_table(scale: dict[str, Any]) -> str:
+    rows = [
+        [
+            count,
+            fmt(figures["adapters_tokens_per_second"], 1),
+            fmt(figures["base_tokens_per_second"], 1),
+            fmt(figures["one_by_one_tokens_per_second"], 1),
+            _times(figures["adapters_vs_base"], 3),
+            _times(figures["adapters_vs_one_by_one"], 2),
+        ]
+        for count, figures in scale["concurrency"].items()
+    ]
+    headers = [
+        "requests at once",
+        "on as many adapters (tokens/s)",
+        "base only (tokens/s)",
+        "adapters one by one (tokens/s)",
+        "adapters / base only",
+        "together / one by one",
+    ]
+    return md_table(headers, rows)
+
+
+def _churn_table(churn: dict[str, Any]) -> str:
+    mib = 1024 * 1024
+    rows = [
+        [
+            name,
+            fmt(run["tokens_per_second"], 1),
+            run["adapter_loads"],
+            run["adapter_hits"],
+            fmt(run["cache_bytes_at_end"] / mib, 2),
+            fmt(run["rss_growth_bytes"] / mib, 1),
+        ]
+        for name, run in (("all hot", churn["all_hot"]), ("churn", churn["churn"]))
+    ]
+    headers = [
+        "run",
+        "tokens/s",
+        "adapter loads",
+        "cache hits",
+        "cache at the end (MiB)",
+        "process RSS growth (MiB)",
+    ]
+    return md_table(headers, rows)
+
+
+def _scale_markdown(scale: dict[str, Any]) -> str:
+    churn, cold, join = scale["churn"], scale["cold_loads"], scale["long_prompt"]
+    percentiles = md_table(
+        ["p50 (ms)", "p90 (ms)", "p99 (ms)", "max (ms)"],
+        [[fmt(cold[key], 2) for key in ("p50_ms", "p90_ms", "p99_ms", "max_ms")]],
+    )
+    return "".join(
+        [
+            "\n## At scale: requests at once on as many adapters\n\n",
+            "Adapters alternate between the default carry-on and a `balanced` tail, all "
+            "cached before the run; the base-only batch of the same size is the ceiling.\n\n",
+            _scale_concurrency_table(scale),
+            f"\n## Adapter churn: {churn['requests']} requests over {churn['adapters']} "
+            f"adapters, a cache of {churn['cache_entries']}\n\n",
+            f"{churn['clients']} clients at once; the cache bound is "
+            f"{fmt(churn['cache_bound_bytes'] / (1024 * 1024), 2)} MiB ({churn['cache_entries']} "
+            "loaded adapters); all hot: the same requests over as many adapters as the cache "
+            f"holds, loaded before. Churn / all hot: {_times(churn['churn_vs_all_hot'], 3)}.\n\n",
+            _churn_table(churn),
+            f"\n## Cold loads: {cold['loads']} misses among {cold['adapters_on_disk']} "
+            "adapters on disk\n\n",
+            f"Each adapter is a {fmt(cold['artifact_bytes'] / 1024, 0)} KiB carry-on folder "
+            f"(written in {fmt(cold['write_seconds'], 1)} s, so in the OS page cache); a "
+            "miss reads, hashes and checks it as the serving cache does.\n\n",
+            percentiles,
+            f"\n## A {join['prompt_tokens']}-token prompt joining {join['running']} running "
+            "requests\n\n",
+            md_table(
+                [
+                    "its time to first token (ms)",
+                    "others' normal step (ms)",
+                    "others' longest gap while it joins (ms)",
+                    "ratio",
+                ],
+                [
+                    [
+                        fmt(join["ttft_ms"], 1),
+                        fmt(join["normal_step_ms"], 1),
+                        fmt(join["join_gap_ms"], 1),
+                        _times(join["join_gap_vs_normal_step"], 2),
+                    ]
+                ],
+            ),
+        ]
+    )
+
+
 def markdown(result: dict[str, Any]) -> str:
     settings = result["settings"]
     cold = md_table(
@@ -68,5 +166,6 @@ def markdown(result: dict[str, Any]) -> str:
             "The files are in the OS page cache (just written): this is the load and "
             "verification cost, not the disk's.\n\n",
             cold,
+            _scale_markdown(result["scale"]),
         ]
     )

@@ -21,6 +21,9 @@ real job stores only its own taps; the base forward is the same).
 
 The int8 variants read the float16 cache and quantize it per row in memory (the bridge's
 ``quantize_rows``), which is what an int8 extraction stores up to fp16 rounding.
+
+Sections, in order: the variants; sizes and the log line; children (each in its own
+process: extraction, training, decoding); the parent (the sweep); the report; entry.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ from bench.common import (
     run_child,
     write_results,
 )
+
+# -- the variants -----------------------------------------------------------------------------
 
 SUPERSET = (0, *range(2, 29, 2), 27, -1)  # the embeddings, every other layer, 27, the final
 MODULE = "bench.sweep_carry_on"
@@ -83,167 +88,119 @@ def _variant(
     }
 
 
-# In the order of the study: the issue's reference points, then one change at a time.
-VARIANTS: dict[str, dict[str, Any]] = {
-    "final-d128k2": _variant("old default: final layer, d=128, k=2, lr 1e-3"),
-    "final-d128k2-lr3e-3": _variant("old default at lr 3e-3", lr=3e-3),
-    "ladder4-d256k4": _variant(
+LADDER8 = {"taps": EVERY_LAYER_STEP, "tap_mode": "ladder"}
+WIDE = {"d_model": 256, "n_blocks": 4}
+LADDER8_WIDE = {**LADDER8, **WIDE, "lr": 3e-3}
+
+# The carry-on variants, in the order of the study: the issue's reference points, then one
+# change at a time. A row is (name, description, what differs from ``_variant``'s defaults).
+CARRY_ON_ROWS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("final-d128k2", "old default: final layer, d=128, k=2, lr 1e-3", {}),
+    ("final-d128k2-lr3e-3", "old default at lr 3e-3", {"lr": 3e-3}),
+    (
+        "ladder4-d256k4",
         "issue's ladder: final in, taps 8/16/24 into blocks 1-3, d=256, k=4",
-        taps=(-1, 8, 16, 24),
-        tap_mode="ladder",
-        d_model=256,
-        n_blocks=4,
+        {"taps": (-1, 8, 16, 24), "tap_mode": "ladder", **WIDE},
     ),
-    "ladder8-d128k2-lr3e-3": _variant(
+    (
+        "ladder8-d128k2-lr3e-3",
         "ladder over 8 states (final in; 4..16 into block 1, 20..27 into block 2)",
-        taps=EVERY_LAYER_STEP,
-        tap_mode="ladder",
-        lr=3e-3,
+        {**LADDER8, "lr": 3e-3},
     ),
-    "ladder8-d128k2-lr1e-2": _variant(
-        "the default at lr 1e-2",
-        taps=EVERY_LAYER_STEP,
-        tap_mode="ladder",
-        lr=1e-2,
-    ),
-    "ladder8-d128k2-lr3e-3-drop0.1": _variant(
+    ("ladder8-d128k2-lr1e-2", "the default at lr 1e-2", {**LADDER8, "lr": 1e-2}),
+    (
+        "ladder8-d128k2-lr3e-3-drop0.1",
         "the default with dropout 0.1 (held-out, not capacity, is what lags)",
-        taps=EVERY_LAYER_STEP,
-        tap_mode="ladder",
-        lr=3e-3,
-        dropout=0.1,
+        {**LADDER8, "lr": 3e-3, "dropout": 0.1},
     ),
-    "ladder8-d128k2-lr3e-3-wd0.1": _variant(
+    (
+        "ladder8-d128k2-lr3e-3-wd0.1",
         "the default with weight decay 0.1 (from 0.01)",
-        taps=EVERY_LAYER_STEP,
-        tap_mode="ladder",
-        lr=3e-3,
-        weight_decay=0.1,
+        {**LADDER8, "lr": 3e-3, "weight_decay": 0.1},
     ),
-    "ladder8-d128k2-lr3e-3-e6": _variant(
+    (
+        "ladder8-d128k2-lr3e-3-e6",
         "the default for 6 epochs, early stopping (patience 1)",
-        taps=EVERY_LAYER_STEP,
-        tap_mode="ladder",
-        lr=3e-3,
-        epochs=6,
-        early_stopping_patience=1,
+        {**LADDER8, "lr": 3e-3, "epochs": 6, "early_stopping_patience": 1},
     ),
-    "ladder8-d128k2-lr3e-3-e6full": _variant(
+    (
+        "ladder8-d128k2-lr3e-3-e6full",
         "the default over a full 6-epoch schedule (no early stopping; keep-best)",
-        taps=EVERY_LAYER_STEP,
-        tap_mode="ladder",
-        lr=3e-3,
-        epochs=6,
+        {**LADDER8, "lr": 3e-3, "epochs": 6},
     ),
-    "ladder15-d128k2-lr3e-3": _variant(
+    (
+        "ladder15-d128k2-lr3e-3",
         "ladder over 15 states: the final in, every other layer 2..28 as rungs",
-        taps=EVERY_OTHER_LAYER,
-        tap_mode="ladder",
-        lr=3e-3,
+        {"taps": EVERY_OTHER_LAYER, "tap_mode": "ladder", "lr": 3e-3},
     ),
-    "ladder8-d256k4-lr3e-3": _variant(
-        "ladder over 8 states, two per block, d=256, k=4",
-        taps=EVERY_LAYER_STEP,
-        tap_mode="ladder",
-        d_model=256,
-        n_blocks=4,
-        lr=3e-3,
-    ),
-    "mix8-d256k4-lr3e-3": _variant(
+    ("ladder8-d256k4-lr3e-3", "ladder over 8 states, two per block, d=256, k=4", LADDER8_WIDE),
+    (
+        "mix8-d256k4-lr3e-3",
         "the same 8 states summed at the input (softmax mix), d=256, k=4",
-        taps=EVERY_LAYER_STEP,
-        d_model=256,
-        n_blocks=4,
-        lr=3e-3,
+        {"taps": EVERY_LAYER_STEP, **WIDE, "lr": 3e-3},
     ),
-    "ladderup8-d256k4-lr3e-3": _variant(
+    (
+        "ladderup8-d256k4-lr3e-3",
         "bottom-up ladder: layer 4 in, ..., the final state into the last block",
-        taps=BOTTOM_UP,
-        tap_mode="ladder",
-        d_model=256,
-        n_blocks=4,
-        lr=3e-3,
+        {"taps": BOTTOM_UP, "tap_mode": "ladder", **WIDE, "lr": 3e-3},
     ),
-    "ladder8-d256k4-lr5e-3": _variant(
-        "ladder8 d=256 k=4 at lr 5e-3",
-        taps=EVERY_LAYER_STEP,
-        tap_mode="ladder",
-        d_model=256,
-        n_blocks=4,
-        lr=5e-3,
-    ),
-    "ladder8-d384k4-lr3e-3": _variant(
+    ("ladder8-d256k4-lr5e-3", "ladder8 d=256 k=4 at lr 5e-3", {**LADDER8_WIDE, "lr": 5e-3}),
+    (
+        "ladder8-d384k4-lr3e-3",
         "ladder8 wider: d=384, k=4",
-        taps=EVERY_LAYER_STEP,
-        tap_mode="ladder",
-        d_model=384,
-        n_blocks=4,
-        n_heads=6,
-        lr=3e-3,
+        {**LADDER8_WIDE, "d_model": 384, "n_heads": 6},
     ),
-    "ladder8-d256k6-lr3e-3": _variant(
-        "ladder8 deeper: d=256, k=6",
-        taps=EVERY_LAYER_STEP,
-        tap_mode="ladder",
-        d_model=256,
-        n_blocks=6,
-        lr=3e-3,
-    ),
-    "ladder8-d256k4-lr3e-3-drop0.1": _variant(
+    ("ladder8-d256k6-lr3e-3", "ladder8 deeper: d=256, k=6", {**LADDER8_WIDE, "n_blocks": 6}),
+    (
+        "ladder8-d256k4-lr3e-3-drop0.1",
         "ladder8 d=256 k=4 with dropout 0.1",
-        taps=EVERY_LAYER_STEP,
-        tap_mode="ladder",
-        d_model=256,
-        n_blocks=4,
-        lr=3e-3,
-        dropout=0.1,
+        {**LADDER8_WIDE, "dropout": 0.1},
     ),
-    "ladder8-d256k4-lr3e-3-alpha4": _variant(
+    (
+        "ladder8-d256k4-lr3e-3-alpha4",
         "ladder8 d=256 k=4 with alpha 4 (a larger step for the merge)",
-        taps=EVERY_LAYER_STEP,
-        tap_mode="ladder",
-        d_model=256,
-        n_blocks=4,
-        lr=3e-3,
-        alpha=4.0,
+        {**LADDER8_WIDE, "alpha": 4.0},
     ),
-    "ladder8-d256k4-lr3e-3-gate2": _variant(
+    (
+        "ladder8-d256k4-lr3e-3-gate2",
         "ladder8 d=256 k=4 with the gate open at start (bias +2)",
-        taps=EVERY_LAYER_STEP,
-        tap_mode="ladder",
-        d_model=256,
-        n_blocks=4,
-        lr=3e-3,
-        gate_bias_init=2.0,
+        {**LADDER8_WIDE, "gate_bias_init": 2.0},
     ),
-    "ladder8-d256k4-lr3e-3-e5": _variant(
+    (
+        "ladder8-d256k4-lr3e-3-e5",
         "ladder8 d=256 k=4, 5 epochs, early stopping (patience 1)",
-        taps=EVERY_LAYER_STEP,
-        tap_mode="ladder",
-        d_model=256,
-        n_blocks=4,
-        lr=3e-3,
-        epochs=5,
-        early_stopping_patience=1,
+        {**LADDER8_WIDE, "epochs": 5, "early_stopping_patience": 1},
     ),
-    "ladder8-d256k4-lr3e-3-int8": _variant(
+    (
+        "ladder8-d256k4-lr3e-3-int8",
         "ladder8 d=256 k=4 on the int8 bridge",
-        taps=EVERY_LAYER_STEP,
-        tap_mode="ladder",
-        d_model=256,
-        n_blocks=4,
-        lr=3e-3,
-        storage="int8",
+        {**LADDER8_WIDE, "storage": "int8"},
     ),
-    "ladder9-d256k4-lr3e-3": _variant(
+    (
+        "ladder9-d256k4-lr3e-3",
         "ladder8 plus the embeddings (state 0) as a rung",
-        taps=(-1, 0, 4, 8, 12, 16, 20, 24, 27),
-        tap_mode="ladder",
-        d_model=256,
-        n_blocks=4,
-        lr=3e-3,
+        {"taps": (-1, 0, 4, 8, 12, 16, 20, 24, 27), "tap_mode": "ladder", **WIDE, "lr": 3e-3},
     ),
-}
+)
+
+# Not carry-ons: how much of LoRA all-linear's lead comes back when the branch re-runs the
+# base's own top layers (LoRA r=8 on every linear; lr 2e-3, LoRA's 2e-4 learned far less).
+TAIL_ROWS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    *(
+        (
+            f"tail{k}-lora-lr2e-3",
+            f"not a carry-on: the base's top {k} layers re-run from state {30 - k} "
+            "(for SmolLM2), LoRA r=8 on every linear",
+            {"layers": k},
+        )
+        for k in (2, 4, 8)
+    ),
+    (
+        "tail8-lora-lr2e-3-e2",
+        "not a carry-on: the 8-layer tail over a 2-epoch schedule (its cheapest within 5 %?)",
+        {"layers": 8, "epochs": 2},
+    ),
+)
 
 
 def _tail_variant(
@@ -259,23 +216,12 @@ def _tail_variant(
     }
 
 
-# Not carry-ons: how much of LoRA all-linear's lead comes back when the branch re-runs the
-# base's own top layers (LoRA r=8 on every linear; lr 2e-3, LoRA's 2e-4 learned far less).
-VARIANTS.update(
-    {
-        f"tail{k}-lora-lr2e-3": _tail_variant(
-            f"not a carry-on: the base's top {k} layers re-run from state {30 - k} "
-            "(for SmolLM2), LoRA r=8 on every linear",
-            layers=k,
-        )
-        for k in (2, 4, 8)
-    }
-)
-VARIANTS["tail8-lora-lr2e-3-e2"] = _tail_variant(
-    "not a carry-on: the 8-layer tail over a 2-epoch schedule (its cheapest within 5 %?)",
-    layers=8,
-    epochs=2,
-)
+VARIANTS: dict[str, dict[str, Any]] = {
+    **{name: _variant(text, **row) for name, text, row in CARRY_ON_ROWS},
+    **{name: _tail_variant(text, **row) for name, text, row in TAIL_ROWS},
+}
+
+# -- sizes and the log line -------------------------------------------------------------------
 
 FULL = {"train": 512, "heldout": 128, "max_length": 320, "batch_size": 8}
 QUICK = {"train": 16, "heldout": 8, "max_length": 320, "batch_size": 8}
@@ -285,7 +231,7 @@ def _log(message: str) -> None:
     print(f"[sweep] {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
-# -- children ----------------------------------------------------------------------------
+# -- children: extraction (one per size) ------------------------------------------------------
 
 
 def _states_for(taps: Sequence[int], num_layers: int) -> list[tuple[int, int]]:
@@ -299,8 +245,7 @@ def run_extract(spec: dict[str, Any]) -> dict[str, Any]:
     from customization.base_model import load_base_model
     from customization.config import FeatureConfig
     from customization.datasets import dataset_sha256, load_dataset
-    from customization.features import extract_features, feature_cache_key
-    from customization.tokenizer import tokenize_examples
+    from customization.pipeline import extract, feature_part
     from customization.training import FeatureLayout, evaluate
 
     base = load_base_model(spec["base_dir"])
@@ -314,13 +259,8 @@ def run_extract(spec: dict[str, Any]) -> dict[str, Any]:
         config = FeatureConfig(
             taps=tuple(spec["taps"]), max_length=spec["max_length"], storage_dtype=dtype
         )
-        key = feature_cache_key(
-            base_keys=[base.fingerprint().key], dataset_sha256=dataset_sha256(data), config=config
-        )
-        examples = tokenize_examples(
-            load_dataset(data), base.tokenizer, max_length=spec["max_length"]
-        )
-        features = extract_features(base, examples, config, cache_dir=spec["cache_dir"], key=key)
+        part = feature_part(base, load_dataset(data), config, digest=dataset_sha256(data))
+        features = extract(base, [part], config, cache_dir=spec["cache_dir"]).feature_sets[0]
         out[name] = {
             "dir": str(features.path),
             "seconds": time.perf_counter() - started,
@@ -353,13 +293,16 @@ def _to_int8(data: Any) -> None:
         example.states = [StoredState(*quantize_rows(s.dequantize())) for s in example.states]
 
 
+# -- children: training (a carry-on, a tail) --------------------------------------------------
+
+
 def run_train(spec: dict[str, Any]) -> dict[str, Any]:
     """One variant: load the states it reads, train with held-out loss per epoch, save."""
     from bench.train_runs import train_with_history
     from customization.base_model import BaseFingerprint
-    from customization.checkpoint import save_carry_on
     from customization.config import CarryOnConfig, TrainingConfig
     from customization.features import FeatureSet
+    from customization.pipeline import save
     from customization.training import build_carry_on
 
     variant = spec["variant"]
@@ -378,17 +321,15 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
     training = TrainingConfig(
         batch_size=spec["batch_size"], seed=spec["seed"], **variant["training"]
     )
-    carry_on = build_carry_on(
-        config, tap_sizes=[width] * len(config.taps), hidden_size=width, seed=training.seed
-    )
+    carry_on = build_carry_on(config, width=width, seed=training.seed)
     fingerprint = BaseFingerprint.from_dict(spec["fingerprint"])
     started = time.perf_counter()
     result, history = train_with_history(
-        carry_on, train, held_out, head, training, num_layers=num_layers, fingerprint=fingerprint
+        carry_on, train, held_out, head, training, fingerprint=fingerprint
     )
     training_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    info = save_carry_on(result.carry_on, Path(spec["out_dir"]), base_fingerprints=[fingerprint])
+    info = save(result.carry_on, Path(spec["out_dir"]), fingerprint=fingerprint)
     n_tokens = sum(len(e.input_ids) for e in train.examples)
     return {
         "setup_seconds": setup,
@@ -465,6 +406,9 @@ def run_tail(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# -- children: decoding (exact match) ---------------------------------------------------------
+
+
 def run_exact_match(spec: dict[str, Any]) -> dict[str, Any]:
     """Greedy final-answer exact match on the held-out problems, base or base + carry-on."""
     from bench.exact_match import exact_match_run
@@ -521,7 +465,7 @@ CHILD_RUNS = {
 }
 
 
-# -- the parent ----------------------------------------------------------------------------
+# -- the parent -------------------------------------------------------------------------------
 
 
 def _size_key(args: argparse.Namespace) -> str:
@@ -635,7 +579,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-# -- the report ----------------------------------------------------------------------------
+# -- the report -------------------------------------------------------------------------------
 
 
 def _mb(nbytes: float | None) -> str:
@@ -745,7 +689,7 @@ def _write(out: Path, results: dict[str, Any]) -> None:
     write_results(out, "sweep", on_disk, markdown(on_disk))
 
 
-# -- entry ------------------------------------------------------------------------------
+# -- entry ------------------------------------------------------------------------------------
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

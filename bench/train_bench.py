@@ -21,18 +21,19 @@ from typing import Any
 
 from bench.common import (
     bench_parser,
+    child_spec,
     machine_info,
     median,
     parse_sized,
     ratio,
     resolve_base,
     run_child,
-    set_threads,
     target_line,
     write_results,
 )
 from bench.lora import LORA_TARGETS
 from bench.train_report import markdown, plot_curves
+from customization.runtime import set_up_torch
 
 FULL = {
     "train_problems": 512,
@@ -59,21 +60,13 @@ def _log(message: str) -> None:
 
 
 def _spec(args: argparse.Namespace, work: Path, base_dir: Path, **extra: Any) -> dict[str, Any]:
-    return {
-        "threads": args.threads,
-        "base_dir": str(base_dir),
-        "gsm8k": args.gsm8k,
-        "n_train": args.train_problems,
-        "n_held_out": args.held_out_problems,
-        "max_length": args.max_length,
-        "epochs": args.epochs,
+    sized = {
         "exact_match_problems": args.exact_match_problems,
         "max_new_tokens": args.max_new_tokens,
         "batch_size": args.batch_size,
         "seed": args.seed,
-        "cache_dir": str(work / "features"),
-        **extra,
     }
+    return child_spec(args, work, base_dir, **(sized | extra))
 
 
 def _summarize(run: dict[str, Any], n_tokens: int, n_targets: int) -> dict[str, Any]:
@@ -273,7 +266,7 @@ def _quality_targets(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    set_threads(args.threads)
+    set_up_torch(args.threads)
     base_dir = resolve_base(args.base)
     work = Path(tempfile.mkdtemp(prefix="train-bench-"))
     try:

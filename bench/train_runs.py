@@ -16,49 +16,97 @@ that run's own. Kinds:
   the spec overrides the default, for the tuned baseline).
 - ``exact_match``: greedy final-answer exact match on held-out problems for the base, a
   trained carry-on or a trained LoRA (``bench.exact_match``).
+
+A spec may also set what a fine-tuning job resolves, so a run can repeat one job exactly
+(every key optional; absent, the benchmark's own choice stays):
+
+- ``data`` (a JSONL path) with ``valid_fraction``, ``max_valid`` and ``split_seed``: the
+  training and held-out examples are that file split as a job splits it
+  (``pipeline.plan_splits``), instead of the GSM8K (or generated) problems;
+- ``storage_dtype`` and ``held_out_storage_dtype``: how the two splits' states are cached
+  (float16 and float32 by default);
+- ``learning_rate`` and ``early_stopping_patience`` for every kind (the carry-on's learning
+  rate defaults to ``TrainingConfig``'s, LoRA's to ``LORA_LEARNING_RATE``).
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.common import child_main, load_problems
 from bench.lora import LORA_LEARNING_RATE, artifact_nbytes, lora_model, train_lora
+from customization import pipeline
 from customization.base_model import BaseFingerprint, FrozenBase
-from customization.carry_on import CarryOn
 from customization.config import CarryOnConfig, FeatureConfig, StorageDtype, TrainingConfig
-from customization.datasets import dataset_sha256, load_dataset
-from customization.features import FeatureSet, extract_features, feature_cache_key
-from customization.tokenizer import ChatTokenizer, TokenizedExample, tokenize_examples
-
-
-def _tokenized(tokenizer: ChatTokenizer, data: bytes, max_length: int) -> list[TokenizedExample]:
-    return tokenize_examples(load_dataset(data), tokenizer, max_length=max_length)
+from customization.datasets import Example, dataset_sha256, load_dataset
+from customization.features import FeatureSet
+from customization.tokenizer import ChatTokenizer, tokenize_examples
 
 
 def _features(
-    base: FrozenBase, data: bytes, spec: dict[str, Any], dtype: StorageDtype
+    base: FrozenBase,
+    examples: Sequence[Example],
+    digest: str,
+    spec: dict[str, Any],
+    dtype: StorageDtype,
 ) -> FeatureSet:
-    """Validate, tokenize and extract (or find in the cache) the features of ``data``."""
+    """Tokenize and extract (or find in the cache) the features of ``examples``."""
     taps = tuple(spec.get("taps", CarryOnConfig().taps))  # the states every run reads
     config = FeatureConfig(taps=taps, max_length=spec["max_length"], storage_dtype=dtype)
-    key = feature_cache_key(
-        base_keys=[base.fingerprint().key], dataset_sha256=dataset_sha256(data), config=config
-    )
-    examples = _tokenized(base.tokenizer, data, spec["max_length"])
-    return extract_features(base, examples, config, cache_dir=spec["cache_dir"], key=key)
+    part = pipeline.feature_part(base, examples, config, digest=digest)
+    return pipeline.extract(base, [part], config, cache_dir=spec["cache_dir"]).feature_sets[0]
 
 
 def _problems(spec: dict[str, Any]) -> Any:
     return load_problems(spec["gsm8k"], spec["n_train"], spec["n_held_out"])
 
 
+@dataclass(frozen=True)
+class _Data:
+    """What a run trains and evaluates on, read but not yet validated (a timed step)."""
+
+    train: bytes
+    held_out: bytes
+    source: str
+    split: dict[str, Any] | None = None  # plan_splits' settings: ``train`` is one file to split
+
+    def part(self, name: str) -> tuple[list[Example], str]:
+        """The validated examples of ``"train"`` or ``"held_out"`` and the digest keying them."""
+        if self.split is not None:
+            splits = pipeline.plan_splits(self.train, **self.split)
+            if name == "train":
+                return splits.train, splits.train_digest
+            return splits.valid, splits.valid_digest
+        data = self.train if name == "train" else self.held_out
+        return load_dataset(data), dataset_sha256(data)
+
+
+def _data(spec: dict[str, Any]) -> _Data:
+    """The spec's ``data`` file, split as a job splits it, else the benchmark's problems."""
+    if "data" in spec:
+        split = {
+            "valid_fraction": spec["valid_fraction"],
+            "seed": spec["split_seed"],
+            "max_valid": spec.get("max_valid"),
+        }
+        return _Data(Path(spec["data"]).read_bytes(), b"", spec["data"], split)
+    problems = _problems(spec)
+    return _Data(problems.train, problems.held_out, problems.source)
+
+
 def _training_config(spec: dict[str, Any], **overrides: Any) -> TrainingConfig:
+    """The spec's schedule; the learning rate and patience only where the spec sets them."""
+    optional = {k: spec[k] for k in ("learning_rate", "early_stopping_patience") if k in spec}
     return TrainingConfig(
-        epochs=spec["epochs"], batch_size=spec["batch_size"], seed=spec["seed"], **overrides
+        epochs=spec["epochs"],
+        batch_size=spec["batch_size"],
+        seed=spec["seed"],
+        **{**optional, **overrides},
     )
 
 
@@ -68,17 +116,18 @@ def run_extract(spec: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     base = load_base_model(spec["base_dir"])
     base_load = time.perf_counter() - started
-    problems = _problems(spec)
+    data = _data(spec)
     started = time.perf_counter()
-    train = _features(base, problems.train, spec, "float16")
+    train = _features(base, *data.part("train"), spec, spec.get("storage_dtype", "float16"))
     job = time.perf_counter() - started
     started = time.perf_counter()
     # Held-out states stay float32 so the carry-on's held-out loss is measured on the
     # same precision LoRA's is.
-    held_out = _features(base, problems.held_out, spec, "float32")
+    held_out_dtype = spec.get("held_out_storage_dtype", "float32")
+    held_out = _features(base, *data.part("held_out"), spec, held_out_dtype)
     return {
         "kind": "extract",
-        "data_source": problems.source,
+        "data_source": data.source,
         "base_load_seconds": base_load,
         "job_seconds": job,
         "extracted": train.extracted,
@@ -100,22 +149,19 @@ def train_with_history(
     head: Any,
     training: TrainingConfig,
     *,
-    num_layers: int,
     fingerprint: BaseFingerprint,
 ) -> tuple[Any, list[dict[str, Any]]]:
-    """Train on cached features, held-out loss after every epoch; the metrics it reported."""
-    from customization.training import TrainingCallbacks, train_adapter
-
+    """Train on cached features (the train step), held-out loss after every epoch; the
+    metrics it reported."""
     history: list[dict[str, Any]] = []
-    result = train_adapter(
+    result = pipeline.train(
         carry_on,
-        train,
         head,
+        train,
         training,
-        num_layers=num_layers,
-        base_fingerprints=[fingerprint],
+        fingerprint=fingerprint,
         valid_data=held_out,
-        callbacks=TrainingCallbacks(on_metrics=history.append),
+        hooks=pipeline.StepHooks(on_metrics=history.append),
     )
     return result, history
 
@@ -123,14 +169,13 @@ def train_with_history(
 def run_carry_on(spec: dict[str, Any]) -> dict[str, Any]:
     """A carry-on's training node through the product's path (``load_training_node``, as
     the train task): the LM head read from the base's files, and the cached features."""
-    from customization.checkpoint import save_carry_on
     from customization.training import FeatureLayout, evaluate, load_training_node
 
     started = time.perf_counter()
     fingerprint = BaseFingerprint.from_dict(spec["fingerprint"])
     num_layers = fingerprint.num_layers
     train = FeatureSet.open(spec["train_dir"]).load()
-    config = CarryOnConfig(**spec["carry_on"])
+    config = CarryOnConfig.from_dict(spec["carry_on"])
     carry_on, head = load_training_node(spec["base_dir"], config, seed=spec["seed"])
     setup = time.perf_counter() - started
     held_out = FeatureSet.open(spec["held_out_dir"]).load()
@@ -138,11 +183,10 @@ def run_carry_on(spec: dict[str, Any]) -> dict[str, Any]:
     layout = FeatureLayout.for_config(held_out, carry_on.config, num_layers)
     base_loss = evaluate(None, held_out, layout, head, batch_size=training.batch_size)["loss"]
     result, history = train_with_history(
-        carry_on, train, held_out, head, training, num_layers=num_layers, fingerprint=fingerprint
+        carry_on, train, held_out, head, training, fingerprint=fingerprint
     )
     started = time.perf_counter()
-    assert isinstance(result.carry_on, CarryOn)
-    info = save_carry_on(result.carry_on, Path(spec["out_dir"]), base_fingerprints=[fingerprint])
+    info = pipeline.save(result.carry_on, Path(spec["out_dir"]), fingerprint=fingerprint)
     return {
         "kind": "carry_on",
         "carry_on_config": carry_on.config.to_dict(),
@@ -166,32 +210,26 @@ def _epoch(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def run_cache_hit(spec: dict[str, Any]) -> dict[str, Any]:
     from customization.base_model import load_base_model
-    from customization.checkpoint import save_carry_on
-    from customization.training import build_carry_on, train_adapter
+    from customization.training import build_carry_on
 
     started = time.perf_counter()
     base = load_base_model(spec["base_dir"])
     base_load = time.perf_counter() - started
-    problems = _problems(spec)
+    data = _data(spec)
     started = time.perf_counter()
-    feature_set = _features(base, problems.train, spec, "float16")
+    feature_set = _features(base, *data.part("train"), spec, spec.get("storage_dtype", "float16"))
     lookup = time.perf_counter() - started
-    config = CarryOnConfig(**spec["carry_on"])
-    carry_on = build_carry_on(
-        config,
-        tap_sizes=[base.hidden_size] * len(config.taps),
-        hidden_size=base.hidden_size,
-        seed=spec["seed"],
-    )
-    train_adapter(
+    config = CarryOnConfig.from_dict(spec["carry_on"])
+    carry_on = build_carry_on(config, width=base.hidden_size, seed=spec["seed"])
+    fingerprint = base.fingerprint()
+    pipeline.train(
         carry_on,
-        feature_set.load(),
         base.head_weight,
+        feature_set.load(),
         _training_config(spec),
-        num_layers=base.num_layers,
-        base_fingerprints=[base.fingerprint()],
+        fingerprint=fingerprint,
     )
-    save_carry_on(carry_on, Path(spec["out_dir"]), base_fingerprints=[base.fingerprint()])
+    pipeline.save(carry_on, Path(spec["out_dir"]), fingerprint=fingerprint)
     return {
         "kind": "cache_hit",
         "cache_hit": not feature_set.extracted,
@@ -204,9 +242,11 @@ def run_cache_hit(spec: dict[str, Any]) -> dict[str, Any]:
 def run_lora(spec: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     tokenizer = ChatTokenizer.from_dir(spec["base_dir"])
-    problems = _problems(spec)
-    train = _tokenized(tokenizer, problems.train, spec["max_length"])
-    held_out = _tokenized(tokenizer, problems.held_out, spec["max_length"])
+    data = _data(spec)
+    train, held_out = (
+        tokenize_examples(data.part(name)[0], tokenizer, max_length=spec["max_length"])
+        for name in ("train", "held_out")
+    )
     model = lora_model(Path(spec["base_dir"]), spec["lora"], seed=spec["seed"])
     setup = time.perf_counter() - started
     trainable, _ = model.get_nb_trainable_parameters()
@@ -230,7 +270,6 @@ def run_lora(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_tail(spec: dict[str, Any]) -> dict[str, Any]:
-    from customization.checkpoint import save_adapter
     from customization.config import TailConfig
     from customization.training import FeatureLayout, evaluate, load_training_node
 
@@ -246,16 +285,10 @@ def run_tail(spec: dict[str, Any]) -> dict[str, Any]:
     layout = FeatureLayout.for_model(held_out, tail, fingerprint.num_layers)
     init_loss = evaluate(tail, held_out, layout, head, batch_size=training.batch_size)["loss"]
     result, history = train_with_history(
-        tail,
-        train,
-        held_out,
-        head,
-        training,
-        num_layers=fingerprint.num_layers,
-        fingerprint=fingerprint,
+        tail, train, held_out, head, training, fingerprint=fingerprint
     )
     started = time.perf_counter()
-    info = save_adapter(result.carry_on, Path(spec["out_dir"]), base_fingerprints=[fingerprint])
+    info = pipeline.save(result.carry_on, Path(spec["out_dir"]), fingerprint=fingerprint)
     return {
         "kind": "tail",
         "tail_config": config.to_dict(),

@@ -12,8 +12,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
-import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -22,6 +20,7 @@ from typing import Any
 
 import torch
 
+from customization.durable import atomic_dir
 from customization.errors import BaseModelNotFoundError, IncompatibleBaseModelError
 from customization.tokenizer import ChatTokenizer
 
@@ -65,17 +64,46 @@ def prepare_bundled_base(models_dir: str | Path) -> Path:
     if (target / _READY_MARKER).is_file():
         return target
     gguf_path = find_bundled_gguf()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{BUNDLED_NAME}-", dir=target.parent))
-    try:
+    # A folder without the marker is a previous crash's: atomic_dir swaps it out.
+    with atomic_dir(target, mode=0o755) as staging:  # shared by every process
         convert_gguf_to_hf(gguf_path, staging, name=BUNDLED_NAME)
-        if target.exists():  # a stale folder without the marker: a previous crash
-            shutil.rmtree(target)
-        staging.chmod(0o755)  # mkdtemp makes it private; the base is shared by processes
-        os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def prepare_gguf_base(gguf_path: str | Path, models_dir: str | Path, *, name: str) -> Path:
+    """Dequantize a GGUF file once into ``<models_dir>/<name>`` (atomic, like the bundled base).
+
+    A folder that already holds a tokenizer and a config is returned as it is.
+    """
+    target = Path(models_dir) / name
+    if (target / "tokenizer.json").is_file() and (target / "config.json").is_file():
+        return target
+    with atomic_dir(target, mode=0o755) as staging:
+        convert_gguf_to_hf(gguf_path, staging, name=name)
+    return target
+
+
+def export_hub_base(
+    model_id: str, models_dir: str | Path, *, name: str, revision: str | None = None
+) -> Path:
+    """Snapshot an HF hub model into ``<models_dir>/<name>``, so every worker loads a folder.
+
+    Written in place (as before): a rerun overwrites the same files.
+    """
+    base = load_base_model(model_id, name=name, revision=revision)
+    target = Path(models_dir) / name
+    target.mkdir(parents=True, exist_ok=True)
+    base.model.save_pretrained(target, safe_serialization=True)
+    tokenizer = base.tokenizer
+    tokenizer.tokenizer.save(str(target / "tokenizer.json"))
+    config = {
+        "chat_template": tokenizer.chat_template,
+        "eos_token": tokenizer.eos_token,
+        "bos_token": tokenizer.bos_token,
+        "pad_token": tokenizer.pad_token,
+        "add_bos_token": tokenizer.add_bos_token,
+    }
+    (target / "tokenizer_config.json").write_text(json.dumps(config, indent=2), "utf-8")
     return target
 
 

@@ -1,11 +1,12 @@
-"""The carry-on: a small transformer branch on a frozen base's hidden states (DESIGN §1).
+"""The carry-on: a small transformer branch on a frozen base's hidden states.
 
     taps (B, T, D_i) ──norm, D_i→d──> mix or ladder ──> k blocks (d wide) ──> h (B, T, d)
     merged = x + α · sigmoid(W_g h + b_g) ⊙ W_up h          x: the base's final state
     logits = lm_head(merged)                                  the base's frozen LM head
 
 ``W_up`` starts at zero, so at initialisation (and whenever α = 0) the customized model is
-exactly the base; training moves away from it only where the data asks for it.
+exactly the base; training moves away from it only where the data asks for it. Why it
+looks this way: docs/architecture.md, "The carry-on".
 """
 
 from __future__ import annotations

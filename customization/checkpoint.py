@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,12 +24,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file, save_file
 
 from customization.base_model import BaseFingerprint
 from customization.carry_on import CarryOn
 from customization.config import CarryOnConfig, TailConfig
-from customization.durable import replace_durably
+from customization.durable import atomic_dir
 from customization.errors import ArtifactError
 from customization.tail import TailAdapter, TailModel
 
@@ -40,8 +40,11 @@ PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 TAIL_FILE = "carry_on_tail.json"
 TAIL_FILES = (PEFT_WEIGHTS_FILE, PEFT_CONFIG_FILE, TAIL_FILE)
+# A training checkpoint is an artifact folder plus the trainer state (safetensors + JSON).
+TRAINER_STATE = "trainer_state"
 ARTIFACT_FORMAT_VERSION = 1
 
+logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -171,15 +174,9 @@ def _stored(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tenso
 def _write_artifact(
     target: Path, write: Callable[[Path], None], num_parameters: int
 ) -> ArtifactInfo:
-    """Run ``write`` into a temp sibling folder, then rename it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    """Run ``write`` into a staging folder that then becomes ``target`` (``atomic_dir``)."""
+    with atomic_dir(target) as staging:
         write(staging)
-        _replace_dir(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return ArtifactInfo(
         path=target,
         sha256=artifact_sha256(target),
@@ -188,34 +185,92 @@ def _write_artifact(
     )
 
 
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Move ``staging`` to ``target`` durably; an existing target is swapped out, then removed."""
-    if not target.exists():
-        replace_durably(staging, target)
-        return
-    retired = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.replace(target, retired)
-    replace_durably(staging, target)
-    shutil.rmtree(retired, ignore_errors=True)
-
-
 def read_artifact_config(path: str | Path) -> dict[str, Any]:
     return _read_document(Path(path), CONFIG_FILE, "carry-on")
 
 
 def _read_document(folder: Path, name: str, kind: str) -> dict[str, Any]:
     """An artifact's JSON metadata, checked for a format version this code can read."""
-    file = folder / name
+    return _parse_document(folder / name, _read_file(folder, name, kind))
+
+
+def _read_file(folder: Path, name: str, kind: str) -> bytes:
     try:
-        document: dict[str, Any] = json.loads(file.read_text("utf-8"))
+        return (folder / name).read_bytes()
     except FileNotFoundError:
         raise ArtifactError(f"{kind} artifact {folder} has no {name}") from None
+    except OSError as exc:
+        raise ArtifactError(f"{kind} artifact file {folder / name} is unreadable: {exc}") from exc
+
+
+def _parse_document(file: Path, data: bytes) -> dict[str, Any]:
+    try:
+        document: dict[str, Any] = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{file} is not valid JSON: {exc}") from exc
     version = document.get("format_version")
     if not isinstance(version, int) or version > ARTIFACT_FORMAT_VERSION:
         raise ArtifactError(f"{file} has unsupported format_version {version!r}")
     return document
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The files of one artifact kind: ``hashed`` in the order ``artifact_sha256`` takes them."""
+
+    kind: str
+    document: str  # our JSON, holding the base fingerprints
+    weights: str
+    hashed: tuple[str, ...]
+
+
+_CARRY_ON_LAYOUT = _Layout("carry-on", CONFIG_FILE, WEIGHTS_FILE, (WEIGHTS_FILE, CONFIG_FILE))
+_TAIL_LAYOUT = _Layout("tail", TAIL_FILE, PEFT_WEIGHTS_FILE, TAIL_FILES)
+
+
+def _read_verified(
+    folder: Path,
+    layout: _Layout,
+    check_bases: Callable[[list[BaseFingerprint]], None],
+    expected_sha256: str | None,
+    device: str | torch.device,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """An artifact's document and weights, each file read once.
+
+    The small JSON files come first, so a mismatched base is refused before the weights
+    are read; the sha256 is taken over the very bytes that are then parsed, so a file
+    replaced between a check and a read cannot slip through.
+    """
+    contents = {n: _read_file(folder, n, layout.kind) for n in layout.hashed if n != layout.weights}
+    try:
+        document = _parse_document(folder / layout.document, contents[layout.document])
+        stored = [BaseFingerprint.from_dict(fp) for fp in document.get("bases", [])]
+    except Exception:
+        if expected_sha256 is not None:  # a damaged file is reported as damaged
+            contents[layout.weights] = _read_file(folder, layout.weights, layout.kind)
+            _check_sha256(folder, layout, contents, expected_sha256)
+        raise
+    check_bases(stored)
+    contents[layout.weights] = _read_file(folder, layout.weights, layout.kind)
+    if expected_sha256 is not None:
+        _check_sha256(folder, layout, contents, expected_sha256)
+    try:
+        tensors = safetensors_load(contents.pop(layout.weights))
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"{layout.kind} weights in {folder} are unreadable: {exc}") from exc
+    return document, {k: v.to(device) for k, v in tensors.items()}
+
+
+def _check_sha256(folder: Path, layout: _Layout, contents: dict[str, bytes], expected: str) -> None:
+    digest = hashlib.sha256()
+    for name in layout.hashed:
+        digest.update(contents[name])
+        digest.update(b"\0")
+    if digest.hexdigest() != expected:
+        raise ArtifactError(
+            f"{layout.kind} artifact {folder.name} does not match its recorded sha256 "
+            "(corrupted or replaced on disk); refusing to load it"
+        )
 
 
 def load_carry_on(
@@ -227,29 +282,25 @@ def load_carry_on(
 ) -> CarryOn:
     """Load an artifact, refusing a mismatched base or a corrupted file."""
     folder = Path(path)
-    if expected_sha256 is not None and artifact_sha256(folder) != expected_sha256:
-        raise ArtifactError(
-            f"carry-on artifact {folder.name} does not match its recorded sha256 "
-            "(corrupted or replaced on disk); refusing to load it"
-        )
-    document = read_artifact_config(folder)
-    stored = [BaseFingerprint.from_dict(fp) for fp in document.get("bases", [])]
-    if base_fingerprints is not None:
+
+    def check_bases(stored: list[BaseFingerprint]) -> None:
+        if base_fingerprints is None:
+            return
         if len(stored) != len(base_fingerprints):
             raise ArtifactError(
                 f"carry-on reads {len(stored)} base(s); {len(base_fingerprints)} were given"
             )
         for mine, theirs in zip(base_fingerprints, stored, strict=True):
             mine.check_compatible(theirs)
+
+    document, tensors = _read_verified(
+        folder, _CARRY_ON_LAYOUT, check_bases, expected_sha256, device
+    )
     config = CarryOnConfig.from_dict(document["carry_on"])
     # Built on the meta device: no memory is allocated or randomly initialised only to be
     # overwritten by the stored weights (the cold load is then mostly the file read).
     with torch.device("meta"):
         carry_on = CarryOn(config)
-    try:
-        tensors = load_file(str(folder / WEIGHTS_FILE), device=str(torch.device(device)))
-    except (SafetensorError, OSError) as exc:
-        raise ArtifactError(f"carry-on weights in {folder} are unreadable: {exc}") from exc
     expected = carry_on.state_dict()
     if set(tensors) != set(expected):
         raise ArtifactError(f"carry-on weights in {folder} do not match its config")
@@ -277,23 +328,17 @@ def _checked_tail(
     expected_sha256: str | None,
     device: str | torch.device,
 ) -> tuple[TailConfig, dict[str, torch.Tensor]]:
-    if expected_sha256 is not None and artifact_sha256(folder) != expected_sha256:
-        raise ArtifactError(
-            f"tail artifact {folder.name} does not match its recorded sha256 "
-            "(corrupted or replaced on disk); refusing to load it"
-        )
-    document = read_tail_artifact(folder)
-    stored = [BaseFingerprint.from_dict(fp) for fp in document.get("bases", [])]
-    if base_fingerprints is not None:
+    """A tail's config and LoRA tensors, read and checked as a carry-on's are."""
+
+    def check_bases(stored: list[BaseFingerprint]) -> None:
+        if base_fingerprints is None:
+            return
         if len(stored) != 1 or len(base_fingerprints) != 1:
             raise ArtifactError("a tail extends exactly one base")
         base_fingerprints[0].check_compatible(stored[0], what="this tail")
-    config = TailConfig.from_dict(document["tail"])
-    try:
-        tensors = load_file(str(folder / PEFT_WEIGHTS_FILE), device=str(torch.device(device)))
-    except (SafetensorError, OSError) as exc:
-        raise ArtifactError(f"tail weights in {folder} are unreadable: {exc}") from exc
-    return config, tensors
+
+    document, tensors = _read_verified(folder, _TAIL_LAYOUT, check_bases, expected_sha256, device)
+    return TailConfig.from_dict(document["tail"]), tensors
 
 
 def load_tail_adapter(
@@ -397,3 +442,57 @@ def load_adapter(
         expected_sha256=expected_sha256,
         device=device,
     )
+
+
+# -- the trainer's checkpoint folders: <folder>/step-<8 digits>/ ----------------------------
+
+
+def checkpoint_path(checkpoint_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives under ``checkpoint_dir``."""
+    return checkpoint_dir / f"step-{step:08d}"
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete and intact checkpoint under ``folder``, or None.
+
+    A checkpoint a crash left half-written is removed; so is one whose files no longer
+    match the checksums written with it (damaged storage): resuming falls back to the
+    one before it instead of failing the job, or resuming from garbage.
+    """
+    if not folder.is_dir():
+        return None
+    for path in sorted(folder.glob("step-*"), reverse=True):
+        if _intact(path):
+            return path
+        logger.warning("skipping the incomplete or damaged checkpoint %s", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
+def latest_checkpoint_step(folder: Path) -> int | None:
+    """Step of the checkpoint training will resume from: the newest complete, intact one."""
+    latest = latest_checkpoint(folder)
+    return int(latest.name.split("-")[1]) if latest is not None else None
+
+
+def _intact(path: Path) -> bool:
+    try:
+        scalars = json.loads((path / f"{TRAINER_STATE}.json").read_text("utf-8"))
+        if "state_sha256" not in scalars:  # written before checksums: trust a readable one
+            load_file(str(path / f"{TRAINER_STATE}.safetensors"))
+            return True
+        return bool(
+            scalars["state_sha256"] == file_sha256(path / f"{TRAINER_STATE}.safetensors")
+            and scalars["artifact_sha256"] == artifact_sha256(path)
+        )
+    except (OSError, ValueError, KeyError, ArtifactError, SafetensorError):
+        return False
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of one file, read in blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

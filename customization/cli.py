@@ -29,10 +29,12 @@ def _models_dir(args: argparse.Namespace) -> Path:
 
 
 def _setup_torch(args: argparse.Namespace) -> None:
-    import torch
+    """The process runtime every model command shares: torch threads, and ``--device``
+    resolved once ("auto": CUDA when present)."""
+    from customization.runtime import resolve_device, set_up_torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_up_torch(args.threads)
+    args.device = resolve_device(args.device)
 
 
 def _load_base(args: argparse.Namespace) -> Any:
@@ -181,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--base", help="HF folder, .gguf file or hub id (default: bundled SmolLM2)")
     common.add_argument("--models-dir", help="where the bundled base is prepared")
-    common.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    common.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto, ...")
     common.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     sub = parser.add_subparsers(dest="command", required=True)
 

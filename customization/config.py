@@ -77,7 +77,7 @@ class _Config:
 
 @dataclass(frozen=True)
 class CarryOnConfig(_Config):
-    """The shape of one carry-on (DESIGN §1).
+    """The shape of one carry-on (docs/architecture.md, "The carry-on").
 
     ``taps`` are hidden-state indices of the base (``hidden_states[i]`` in HF terms:
     0 is the embedding output, ``num_layers`` the final, normed state; negative values count
@@ -180,7 +180,9 @@ TAIL_LEARNING_RATE = 2e-3
 
 @dataclass(frozen=True)
 class TailConfig(_Config):
-    """The shape of one tail (DESIGN §1b): LoRA on the base's top ``depth`` decoder layers.
+    """The shape of one tail: LoRA on the base's top ``depth`` decoder layers.
+
+    See docs/architecture.md, "The tail".
 
     The tail reads the cached state ``hidden_states[num_layers - depth]`` and re-runs the
     base's own top ``depth`` layers with a LoRA delta ``B·A·(alpha / rank)`` on each of

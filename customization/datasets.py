@@ -17,6 +17,10 @@ but counted, a UTF-8 BOM and CRLF endings are accepted. A problem with ``line ==
 
 Validation runs at upload time in the web process, so this module uses the standard
 library only and never raises for bad content: every problem goes in the report.
+
+Sections, in order: limits and results; entry points (parse, load, split, hash); file
+level; line level; JSON objects and format detection; normalization; field checks and
+messages.
 """
 
 from __future__ import annotations
@@ -68,6 +72,9 @@ _SIGNATURE_KEYS: dict[DatasetFormat, frozenset[str]] = {
 }
 _MAX_NAMES_SHOWN = 8
 _MAX_VALUE_CHARS = 40
+
+
+# -- limits and results -----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,9 @@ class ParsedDataset:
 
     examples: list[Example]
     report: DatasetReport
+
+
+# -- entry points: parse, load, split, hash ---------------------------------------------------
 
 
 class _Invalid(Exception):
@@ -233,7 +243,24 @@ def dataset_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-# --- file level -------------------------------------------------------------------------
+def split_digest(
+    file_sha256: str,
+    *,
+    part: str,
+    valid_fraction: float,
+    max_valid: int | None,
+    seed: int,
+    scope: str = "",
+) -> str:
+    """The dataset digest of one part ("train" or "valid") of a split upload.
+
+    The same bytes split the same way give the same digest, whoever splits them, so the
+    feature cache is shared; ``scope`` keeps one owner's cache entries apart from another's.
+    """
+    return f"{file_sha256}:{scope}:{part}:{valid_fraction}:{max_valid}:{seed}"
+
+
+# -- file level: size, line count, whole-file problems ----------------------------------------
 
 
 def _count_lines(data: bytes) -> int:
@@ -294,7 +321,7 @@ def _snippet(raw: bytes) -> str:
     return shown + "..." if truncated else shown
 
 
-# --- line level -------------------------------------------------------------------------
+# -- line level: one JSON object, its format, its example -------------------------------------
 
 
 @dataclass
@@ -363,6 +390,9 @@ class _LineParser:
         return fmt
 
 
+# -- JSON objects and format detection --------------------------------------------------------
+
+
 def _load_json_object(text: str, max_depth: int) -> dict[str, object]:
     if _exceeds_depth(text, max_depth):
         _invalid(f"the JSON is nested deeper than {max_depth} levels")
@@ -425,7 +455,7 @@ def _detect_format(obj: Mapping[str, object]) -> DatasetFormat | None:
     return None
 
 
-# --- normalization ----------------------------------------------------------------------
+# -- normalization: each format to messages ---------------------------------------------------
 
 
 def _normalize_chat(obj: Mapping[str, object]) -> tuple[dict[str, str], ...]:
@@ -524,6 +554,9 @@ _NORMALIZERS: dict[DatasetFormat, Callable[[Mapping[str, object]], tuple[dict[st
     "cot": _normalize_cot,
     "prompt_completion": _normalize_prompt_completion,
 }
+
+
+# -- field checks and messages ----------------------------------------------------------------
 
 
 def _string_field(obj: Mapping[str, object], key: str) -> str:

@@ -9,6 +9,10 @@ name, made durable here, renamed, and the directory is made durable last.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -57,3 +61,32 @@ def replace_durably(source: str | Path, target: str | Path) -> None:
         fsync_file(source)
     os.replace(source, target)
     fsync_dir(target.parent)
+
+
+@contextmanager
+def atomic_dir(target: str | Path, *, mode: int | None = None) -> Iterator[Path]:
+    """Yield a staging folder beside ``target``; on success it becomes ``target`` durably.
+
+    The staging folder is a hidden sibling (same filesystem, so the rename is atomic), every
+    file in it is flushed before the rename and the parent after it. An existing ``target``
+    is swapped out and removed only once the new folder is in place. On an error the
+    staging folder is removed and ``target`` is left as it was. ``mode`` widens the
+    private permissions ``mkdtemp`` gives (a base model is read by other processes).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield staging
+        if mode is not None:
+            staging.chmod(mode)
+        if target.exists():
+            retired = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, retired)
+            replace_durably(staging, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            replace_durably(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

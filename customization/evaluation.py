@@ -24,9 +24,10 @@ from customization.base_model import FrozenBase
 from customization.carry_on import CarryOn
 from customization.config import GenerationConfig
 from customization.datasets import Example
+from customization.decode_state import ServedAdapter
+from customization.decoder import BatchDecoder
 from customization.errors import TrainingCancelled
 from customization.features import FeatureData, FeatureExample, StoredState, batch_hidden_states
-from customization.generation import BatchDecoder, ServedAdapter
 from customization.tail import TailAdapter
 from customization.tokenizer import TokenizedExample, tokenize_examples
 from customization.training import FeatureLayout, evaluate, head_loss

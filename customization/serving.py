@@ -5,13 +5,14 @@ Framework-free; the web layer (webapp/serving) is a thin adapter over it.
 - Each base is loaded once per process, lazily, by the ``base_loader`` the caller passes.
 - Carry-ons live in an LRU cache bounded in bytes and keyed by (adapter id, artifact
   sha256), so a replaced artifact is never served stale and an adapter is servable the
-  moment its artifact exists: no restart.
+  moment its artifact exists: no restart. Concurrent requests for an adapter that is not
+  loaded yet wait for one load (single-flight) instead of each loading it.
 - Every base has one decode thread running a ``BatchDecoder``: requests queued for that
   base join the running batch between steps, so concurrent requests, including ones on
   *different* carry-ons, share one base forward per decode step.
 - Admission is bounded: when ``max_pending`` requests are already waiting or running, a
   new one is refused at once with ``EngineOverloaded`` (the API answers 429) rather than
-  piling up.
+  piling up; it is checked before an adapter is loaded, so a refused request loads nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +32,9 @@ from customization.base_model import FrozenBase
 from customization.carry_on import CarryOn
 from customization.checkpoint import load_adapter
 from customization.config import GenerationConfig
+from customization.decode_state import DecodeCounters, DecodeSequence, ServedAdapter
+from customization.decoder import BatchDecoder
 from customization.errors import CustomizationError, EngineOverloaded
-from customization.generation import BatchDecoder, DecodeCounters, DecodeSequence, ServedAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +56,16 @@ class AdapterCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self._items: OrderedDict[tuple[str, str], tuple[ServedAdapter, int]] = OrderedDict()
+        self._sha256_of: dict[str, str] = {}  # adapter id -> its cached entry's sha256
+        self._loading: dict[tuple[str, str], Future[ServedAdapter]] = {}
         self._lock = threading.Lock()
+        self._nbytes = 0
         self.loads = 0
-        self.hits = 0
+        self.hits = 0  # gets served without loading (waiting on another's load included)
 
     @property
     def nbytes(self) -> int:
-        return sum(size for _, size in self._items.values())
+        return self._nbytes
 
     def __len__(self) -> int:
         return len(self._items)
@@ -70,13 +76,38 @@ class AdapterCache:
             return len(self._items), self.nbytes, self.loads, self.hits
 
     def get(self, ref: AdapterRef, base: FrozenBase) -> ServedAdapter:
+        """The loaded adapter; concurrent gets of one not yet loaded share a single load."""
         key = (ref.adapter_id, ref.sha256)
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 self.hits += 1
                 return self._items[key][0]
-        # Load outside the lock: another request may load the same one; the last wins.
+            pending = self._loading.get(key)
+            if pending is not None:
+                self.hits += 1
+            else:
+                flight: Future[ServedAdapter] = Future()
+                self._loading[key] = flight
+        if pending is not None:
+            return pending.result()  # the loader's error, if it failed, is raised here too
+        try:
+            loaded, size = self._load(ref, base)
+        except BaseException as exc:
+            with self._lock:
+                del self._loading[key]
+            flight.set_exception(exc)
+            raise
+        with self._lock:
+            del self._loading[key]
+            self.loads += 1
+            self._insert(key, loaded, size)
+        flight.set_result(loaded)
+        return loaded
+
+    @staticmethod
+    def _load(ref: AdapterRef, base: FrozenBase) -> tuple[ServedAdapter, int]:
+        # Outside the lock: loads of other adapters (and hits) go on meanwhile.
         loaded = load_adapter(
             ref.path,
             base_fingerprints=[base.fingerprint()],
@@ -87,20 +118,29 @@ class AdapterCache:
             size = sum(p.numel() * p.element_size() for p in loaded.parameters())
         else:
             size = loaded.nbytes()
-        with self._lock:
-            self.loads += 1
-            # A new sha256 for the same adapter id replaces the old entry.
-            for stale in [k for k in self._items if k[0] == ref.adapter_id and k != key]:
-                del self._items[stale]
-            self._items[key] = (loaded, size)
-            while self._items and self.nbytes > self.max_bytes and len(self._items) > 1:
-                self._items.popitem(last=False)
-        return loaded
+        return loaded, size
+
+    def _insert(self, key: tuple[str, str], loaded: ServedAdapter, size: int) -> None:
+        """Add an entry and evict least recently used ones down to the byte bound (caller
+        holds the lock). The newest entry stays even alone over the bound: it is in use."""
+        # A new sha256 for the same adapter id replaces the old entry.
+        self._drop(key[0])
+        self._items[key] = (loaded, size)
+        self._sha256_of[key[0]] = key[1]
+        self._nbytes += size
+        while self._nbytes > self.max_bytes and len(self._items) > 1:
+            self._drop(next(iter(self._items))[0])
+
+    def _drop(self, adapter_id: str) -> None:
+        """Remove an adapter's entry, if cached (caller holds the lock); no scan of the LRU,
+        which may hold thousands of small adapters."""
+        sha256 = self._sha256_of.pop(adapter_id, None)
+        if sha256 is not None:
+            self._nbytes -= self._items.pop((adapter_id, sha256))[1]
 
     def evict(self, adapter_id: str) -> None:
         with self._lock:
-            for key in [k for k in self._items if k[0] == adapter_id]:
-                del self._items[key]
+            self._drop(adapter_id)
 
 
 @dataclass
@@ -145,17 +185,22 @@ class Completion:
 
     def result(self, timeout: float = 300.0) -> list[tuple[str, str]]:
         """(text, finish_reason) per choice, waiting for the end."""
-        texts = [""] * self.n
-        reasons = [""] * self.n
-        for event in self.events(timeout):
-            texts[event.index] += event.text
-            if event.finish_reason is not None:
-                reasons[event.index] = event.finish_reason
-        return list(zip(texts, reasons, strict=True))
+        return collect_choices(self.events(timeout), self.n)
 
     def cancel(self) -> None:
         """The client went away: its sequences leave the batch at the next step."""
         self.cancelled.set()
+
+
+def collect_choices(events: Iterable[Event], n: int) -> list[tuple[str, str]]:
+    """(text, finish_reason) per choice, from all of a completion's events."""
+    texts = [""] * n
+    reasons = [""] * n
+    for event in events:
+        texts[event.index] += event.text
+        if event.finish_reason is not None:
+            reasons[event.index] = event.finish_reason
+    return list(zip(texts, reasons, strict=True))
 
 
 class _BaseWorker:
@@ -212,8 +257,7 @@ class _BaseWorker:
             if completion.cancelled.is_set():
                 continue
             self._owners[id(sequence)] = (completion, index)
-            output = self.decoder.add(sequence)
-            self._emit(sequence, output.text_delta, output.token_id)
+            self.decoder.add(sequence)  # prefilled by the next steps, its first token emitted
 
     def _drop_cancelled(self) -> None:
         for sequence in list(self.decoder.sequences):
@@ -322,6 +366,7 @@ class ServingEngine:
     ) -> Completion:
         """Queue a request (n choices); raises EngineOverloaded when the queue is full."""
         worker = self._worker(base_name)
+        self._check_capacity(n)  # before loading anything for a request we would refuse
         served = self.adapters.get(adapter, worker.base) if adapter is not None else None
         completion = Completion(prompt_tokens=len(prompt_ids), n=n)
         sequences = []
@@ -332,15 +377,17 @@ class ServingEngine:
                 choice_config = dataclasses.replace(config, seed=config.seed + index)
             sequences.append(worker.decoder.new_sequence(prompt_ids, choice_config, served))
         with self._admission:
-            if self.pending() + n > self.max_pending:
-                raise EngineOverloaded(
-                    f"the server is at capacity ({self.max_pending} requests in flight); "
-                    "retry shortly"
-                )
+            self._check_capacity(n)
             for index, sequence in enumerate(sequences):
                 worker.submit(sequence, completion, index)
         completion._sequences = sequences
         return completion
+
+    def _check_capacity(self, n: int) -> None:
+        if self.pending() + n > self.max_pending:
+            raise EngineOverloaded(
+                f"the server is at capacity ({self.max_pending} requests in flight); retry shortly"
+            )
 
     def shutdown(self) -> None:
         for worker in self._workers.values():

@@ -1,4 +1,4 @@
-"""The tail: LoRA on the base's own top k decoder layers, run from a cached state (DESIGN §1b).
+"""The tail: LoRA on the base's own top k decoder layers, run from a cached state.
 
     hidden_states[L-k] (B, T, D)                       the cached input of layer L-k
       ──> base layers L-k .. L-1, frozen; every target linear adds  s · B A x
@@ -11,7 +11,8 @@ artifact is a PEFT adapter folder that ``PeftModel.from_pretrained`` loads uncha
 tail *is* LoRA on every layer.
 
 A training node builds a tail with ``load_tail``: it reads only the top k layers, the final
-norm and the LM head from the base's safetensors, never the layers below the tail.
+norm and the LM head from the base's safetensors, never the layers below the tail (why:
+docs/architecture.md, "The tail").
 """
 
 from __future__ import annotations

@@ -5,15 +5,16 @@ layers): no forward of the base below the adapter happens here. The
 cost floor is the LM head (V × D per target token, forward plus the gradient to its input),
 so the head runs only at target positions, in chunks, through a fused loss that computes
 the gradient in the same pass (two matrix products per chunk, memory flat in V).
+
+Sections, in order: the loss; batches; validation; the training loop (its steps numbered);
+checkpoints; building the adapter.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,15 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from customization.base_model import BaseFingerprint, FrozenBase
 from customization.carry_on import CarryOn
 from customization.checkpoint import (
+    TRAINER_STATE,
     WEIGHTS_FILE,
     ArtifactInfo,
-    artifact_sha256,
+    checkpoint_path,
+    file_sha256,
+    latest_checkpoint,
     load_tail_weights,
     save_adapter,
 )
@@ -46,12 +49,11 @@ from customization.tail import (
 )
 
 logger = logging.getLogger(__name__)
-TRAINER_STATE = "trainer_state"
 # What the trainer trains: a carry-on, or a tail (the base's top layers with LoRA).
 Trainable = CarryOn | TailModel
 
 
-# -- the loss -------------------------------------------------------------------------------
+# -- the loss ---------------------------------------------------------------------------------
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -246,6 +248,9 @@ def iterate_batches(
         yield [data.examples[i] for i in order[start : start + batch_size]]
 
 
+# -- validation -------------------------------------------------------------------------------
+
+
 @torch.no_grad()
 def evaluate(
     carry_on: Trainable | None,
@@ -272,7 +277,7 @@ def evaluate(
     return {"loss": loss_sum / max(count, 1), "token_accuracy": correct / max(count, 1)}
 
 
-# -- the training loop ---------------------------------------------------------------------------
+# -- the training loop ------------------------------------------------------------------------
 
 
 @dataclass
@@ -527,10 +532,6 @@ def _track_best(
 # -- checkpoints ------------------------------------------------------------------------------
 
 
-def checkpoint_path(checkpoint_dir: Path, step: int) -> Path:
-    return checkpoint_dir / f"step-{step:08d}"
-
-
 def _save_checkpoint(
     folder: Path,
     carry_on: Trainable,
@@ -567,7 +568,7 @@ def _save_checkpoint(
     # Checksums of both halves, so a damaged checkpoint is found (and skipped) on resume.
     checksums = {
         "artifact_sha256": info.sha256,
-        "state_sha256": _sha256(target / f"{TRAINER_STATE}.safetensors"),
+        "state_sha256": file_sha256(target / f"{TRAINER_STATE}.safetensors"),
     }
     json_staging = target / f".{TRAINER_STATE}.json.tmp"
     json_staging.write_text(json.dumps({**scalars, **checksums}), "utf-8")
@@ -575,45 +576,6 @@ def _save_checkpoint(
     replace_durably(json_staging, target / f"{TRAINER_STATE}.json")
     if hooks.on_checkpoint is not None:
         hooks.on_checkpoint(state.step, info, state.history[-1] if state.history else {})
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete and intact checkpoint under ``folder``, or None.
-
-    A checkpoint a crash left half-written is removed; so is one whose files no longer
-    match the checksums written with it (damaged storage): resuming falls back to the
-    one before it instead of failing the job, or resuming from garbage.
-    """
-    if not folder.is_dir():
-        return None
-    for path in sorted(folder.glob("step-*"), reverse=True):
-        if _intact(path):
-            return path
-        logger.warning("skipping the incomplete or damaged checkpoint %s", path)
-        shutil.rmtree(path, ignore_errors=True)
-    return None
-
-
-def _intact(path: Path) -> bool:
-    try:
-        scalars = json.loads((path / f"{TRAINER_STATE}.json").read_text("utf-8"))
-        if "state_sha256" not in scalars:  # written before checksums: trust a readable one
-            load_file(str(path / f"{TRAINER_STATE}.safetensors"))
-            return True
-        return bool(
-            scalars["state_sha256"] == _sha256(path / f"{TRAINER_STATE}.safetensors")
-            and scalars["artifact_sha256"] == artifact_sha256(path)
-        )
-    except (OSError, ValueError, KeyError, ArtifactError, SafetensorError):
-        return False
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _restore_latest(
@@ -658,12 +620,15 @@ def _restore_latest(
     )
 
 
-def build_carry_on(
-    config: CarryOnConfig, *, tap_sizes: Sequence[int], hidden_size: int, seed: int
-) -> CarryOn:
-    """A freshly initialised carry-on, deterministic for ``seed``."""
+# -- building the adapter (a training node's model) -------------------------------------------
+
+
+def build_carry_on(config: CarryOnConfig, *, width: int, seed: int) -> CarryOn:
+    """A freshly initialised carry-on for a base of hidden size ``width`` (every tap reads
+    that base), deterministic for ``seed``: the one place a carry-on is built from a config.
+    """
     torch.manual_seed(seed)
-    return CarryOn(config.resolved(tap_sizes=tuple(tap_sizes), hidden_size=hidden_size))
+    return CarryOn(config.resolved(tap_sizes=(width,) * len(config.taps), hidden_size=width))
 
 
 def build_adapter(base: FrozenBase, config: CarryOnConfig | TailConfig, *, seed: int) -> Trainable:
@@ -675,12 +640,7 @@ def build_adapter(base: FrozenBase, config: CarryOnConfig | TailConfig, *, seed:
     if isinstance(config, TailConfig):
         parts = tail_parts_from_model(base.model, config.depth)
         return build_tail(config, parts, seed=seed).to(base.device)
-    return build_carry_on(
-        config,
-        tap_sizes=[base.hidden_size] * len(config.taps),
-        hidden_size=base.hidden_size,
-        seed=seed,
-    ).to(base.device)
+    return build_carry_on(config, width=base.hidden_size, seed=seed).to(base.device)
 
 
 def load_training_node(
@@ -702,7 +662,5 @@ def load_training_node(
     hf_config = AutoConfig.from_pretrained(base_dir)
     head = load_tail_parts(base_dir, 1, head_only=True, device=str(device)).head_weight
     width = int(hf_config.hidden_size)
-    carry_on = build_carry_on(
-        config, tap_sizes=[width] * len(config.taps), hidden_size=width, seed=seed
-    )
+    carry_on = build_carry_on(config, width=width, seed=seed)
     return carry_on.to(device), head

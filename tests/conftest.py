@@ -59,6 +59,42 @@ def data_dir(settings: Any, tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.fixture
+def one_torch_thread(settings: Any) -> Iterator[None]:
+    """Eager tasks train tiny models in this process: intra-op threads only slow them down."""
+    import torch
+
+    from webapp.core.runtime import warm_up
+
+    settings.CARRY_ON = {**settings.CARRY_ON, "TORCH_THREADS": 1}
+    previous = torch.get_num_threads()
+    warm_up()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def quick_heartbeat(settings: Any) -> None:
+    """Heartbeats (and cancel checks) on every callback instead of every few seconds."""
+    settings.CARRY_ON = {**settings.CARRY_ON, "HEARTBEAT_INTERVAL": 0}
+
+
+@pytest.fixture
+def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Every path os.fsync is called on during the test, in order (the real fsync still runs;
+    naming the fd needs /proc)."""
+    synced: list[Path] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama with a byte-level ChatML tokenizer, saved as an HF folder."""
@@ -78,16 +114,9 @@ def tiny_base_fingerprint(tiny_base_dir: Path) -> dict[str, Any]:
 @pytest.fixture
 def tiny_base_model(db: None, tiny_base_dir: Path, tiny_base_fingerprint: dict[str, Any]) -> Any:
     """The tiny base registered as the default BaseModel."""
-    from webapp.customizations.services.base_models import base_model_register
+    from tests.factories import folder_base
 
-    return base_model_register(
-        name="tiny",
-        source=str(tiny_base_dir),
-        source_type="folder",
-        path=tiny_base_dir,
-        fingerprint=tiny_base_fingerprint,
-        default=True,
-    )
+    return folder_base(tiny_base_dir, "tiny", fingerprint=tiny_base_fingerprint)
 
 
 @pytest.fixture
@@ -121,7 +150,6 @@ def make_adapter(settings: Any) -> Callable[..., Any]:
         from tests.helpers.carry_on_kit import new_carry_on, perturb, tiny_config
         from webapp.core.utils import data_path
         from webapp.customizations.models import Adapter, FineTuningJob
-        from webapp.customizations.services.jobs import job_model_name
 
         frozen = load_base_model(base.path, name=base.name)
         carry_on = perturb(new_carry_on(frozen, tiny_config(), seed=seed), seed=seed)
@@ -133,7 +161,7 @@ def make_adapter(settings: Any) -> Callable[..., Any]:
             carry_on, data_path(relative), base_fingerprints=[frozen.fingerprint()]
         )
         return Adapter.objects.create(
-            name=job_model_name(job), owner=owner, base=base, job=job, path=relative,
+            name=job.model_name, owner=owner, base=base, job=job, path=relative,
             sha256=info.sha256, bytes=info.nbytes, n_parameters=info.num_parameters,
         )  # fmt: skip
 

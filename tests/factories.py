@@ -6,6 +6,7 @@ is exactly what an upload makes.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import factory
@@ -15,7 +16,8 @@ from factory.django import DjangoModelFactory
 
 from tests.helpers.carry_on_kit import toy_jsonl
 from webapp.accounts.models import ApiKey, User
-from webapp.core.utils import data_path, write_bytes_atomic
+from webapp.core.utils import data_path
+from webapp.customizations.artifacts import write_bytes_atomic
 from webapp.customizations.models import Adapter, Checkpoint, File, FineTuningJob, JobEvent
 
 PASSWORD = "correct horse battery"
@@ -80,6 +82,26 @@ class FineTuningJobFactory(DjangoModelFactory):
     seed = 0
 
 
+def folder_base(
+    folder: Path, name: str, *, fingerprint: dict[str, Any] | None = None, default: bool = True
+) -> Any:
+    """The HF folder ``folder`` registered as base ``name`` through the service (the default
+    unless ``default`` is False); its fingerprint is read from the folder unless given."""
+    from customization.base_model import load_base_model
+    from webapp.customizations.services.base_models import base_model_register
+
+    if fingerprint is None:
+        fingerprint = load_base_model(folder, name=name).fingerprint().to_dict()
+    return base_model_register(
+        name=name,
+        source=str(folder),
+        source_type="folder",
+        path=folder,
+        fingerprint=fingerprint,
+        default=default,
+    )
+
+
 def _default_base() -> Any:
     from webapp.customizations.models import BaseModel
 
@@ -87,11 +109,11 @@ def _default_base() -> Any:
 
 
 def _carry_on() -> dict[str, Any]:
-    from webapp.customizations.services.jobs import CARRY_ON_DEFAULTS
+    from webapp.customizations.options import CARRY_ON
 
     # One tap keeps the tiny test carry-ons cheap; the default ladder has its own tests.
     return {
-        **CARRY_ON_DEFAULTS,
+        **CARRY_ON.defaults,
         "d_model": 16,
         "n_heads": 2,
         "taps": [-1],
@@ -141,7 +163,7 @@ class AdapterFactory(DjangoModelFactory):
 
 def tail_adapter(*, owner: User, depth: int = 2, preset: str = "balanced", **tail: Any) -> Adapter:
     """A succeeded tail job (the tail defaults with ``depth`` and ``tail``) and its adapter."""
-    from webapp.customizations.services.jobs import TAIL_DEFAULTS
+    from webapp.customizations.options import TAIL
 
     job = FineTuningJobFactory(
         owner=owner,
@@ -149,6 +171,6 @@ def tail_adapter(*, owner: User, depth: int = 2, preset: str = "balanced", **tai
         kind="tail",
         preset=preset,
         carry_on={},
-        tail={**TAIL_DEFAULTS, "depth": depth, **tail},
+        tail={**TAIL.defaults, "depth": depth, **tail},
     )
     return AdapterFactory(job=job, kind="tail", depth=depth, preset=preset)

@@ -3,39 +3,39 @@
 from django.urls import path, re_path
 from drf_spectacular.views import SpectacularJSONAPIView
 
-from webapp.core.api import not_found
-from webapp.customizations import apis as customizations
+from webapp.core.api.errors import not_found
+from webapp.customizations.apis import files, jobs, models
 from webapp.evaluations import apis as evaluations
 from webapp.serving import apis as serving
 from webapp.usage import apis as usage
 
 urlpatterns = [
-    path("files", customizations.FileListCreateApi.as_view(), name="api-files"),
-    path("files/<str:file_id>", customizations.FileDetailApi.as_view(), name="api-file"),
+    path("files", files.FileListCreateApi.as_view(), name="api-files"),
+    path("files/<str:file_id>", files.FileDetailApi.as_view(), name="api-file"),
     path(
         "files/<str:file_id>/content",
-        customizations.FileContentApi.as_view(),
+        files.FileContentApi.as_view(),
         name="api-file-content",
     ),
-    path("fine_tuning/jobs", customizations.JobListCreateApi.as_view(), name="api-jobs"),
-    path("fine_tuning/jobs/<str:job_id>", customizations.JobDetailApi.as_view(), name="api-job"),
+    path("fine_tuning/jobs", jobs.JobListCreateApi.as_view(), name="api-jobs"),
+    path("fine_tuning/jobs/<str:job_id>", jobs.JobDetailApi.as_view(), name="api-job"),
     path(
         "fine_tuning/jobs/<str:job_id>/cancel",
-        customizations.JobCancelApi.as_view(),
+        jobs.JobCancelApi.as_view(),
         name="api-job-cancel",
     ),
     path(
         "fine_tuning/jobs/<str:job_id>/events",
-        customizations.JobEventListApi.as_view(),
+        jobs.JobEventListApi.as_view(),
         name="api-job-events",
     ),
     path(
         "fine_tuning/jobs/<str:job_id>/checkpoints",
-        customizations.JobCheckpointListApi.as_view(),
+        jobs.JobCheckpointListApi.as_view(),
         name="api-job-checkpoints",
     ),
-    path("models", customizations.ModelListApi.as_view(), name="api-models"),
-    path("models/<path:model>", customizations.ModelDetailApi.as_view(), name="api-model"),
+    path("models", models.ModelListApi.as_view(), name="api-models"),
+    path("models/<path:model>", models.ModelDetailApi.as_view(), name="api-model"),
     path("chat/completions", serving.ChatCompletionCreateApi.as_view(), name="api-chat"),
     path("evaluations", evaluations.EvaluationListCreateApi.as_view(), name="api-evaluations"),
     path(

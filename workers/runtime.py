@@ -1,43 +1,35 @@
-"""Per-process worker runtime: heartbeats, the stale-job sweeper, claims.
+"""Per-process worker runtime: identity, heartbeats, claims, the stale-job sweeper.
 
-torch set-up and the per-process base cache live in ``webapp.serving.runtime`` (shared
-with the serving engine) and are re-exported here for the tasks.
+torch set-up, the device and the per-process base cache are not worker concerns alone:
+they live in ``webapp.core.runtime``, shared with the serving engine.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import secrets
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.db import connection
 
 from webapp.customizations.models import FineTuningJob
-from webapp.customizations.services.pipeline import (
+from webapp.customizations.services.claims import (
     job_heartbeat,
-    job_record_progress,
     job_sweep_stale,
     job_sweep_unclaimed,
 )
+from webapp.customizations.services.results import job_record_progress
 from webapp.evaluations.services import evaluation_sweep_stale
-from webapp.serving.runtime import device, load_base, warm_up
 
 __all__ = [
     "ClaimKeeper",
     "Heartbeat",
-    "adapter_path",
-    "device",
-    "latest_checkpoint_step",
-    "load_base",
     "start_sweeper",
     "stop_sweeper",
-    "warm_up",
     "worker_identity",
 ]
 
@@ -47,23 +39,6 @@ logger = logging.getLogger(__name__)
 def worker_identity(request: Any) -> str:
     """Who holds a claim: this host and process, and this task execution."""
     return f"{socket.gethostname()}:{os.getpid()}:{getattr(request, 'id', None) or 'direct'}"
-
-
-def adapter_path(job_id: str) -> str:
-    """Where this attempt writes the job's adapter (relative to DATA_DIR).
-
-    Unique per attempt: a worker that lost its claim (stalled, then taken over) and
-    removes what it wrote can never remove the adapter the winner registered.
-    """
-    return f"adapters/{job_id}-{secrets.token_hex(6)}"
-
-
-def latest_checkpoint_step(folder: Path) -> int | None:
-    """Step of the checkpoint training will resume from: the newest complete, intact one."""
-    from customization.training import latest_checkpoint
-
-    latest = latest_checkpoint(folder)
-    return int(latest.name.split("-")[1]) if latest is not None else None
 
 
 class Heartbeat:

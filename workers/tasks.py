@@ -18,26 +18,34 @@ from django.db import InterfaceError, OperationalError
 from kombu.exceptions import OperationalError as BrokerError
 
 from webapp.core.exceptions import ApplicationError
-from webapp.core.utils import data_path, remove_artifact
+from webapp.core.runtime import device, load_base, warm_up
+from webapp.core.utils import data_path
+from webapp.customizations.artifacts import (
+    adapter_path,
+    checkpoints_folder,
+    features_root,
+    remove_artifact,
+)
 from webapp.customizations.models import FeatureSet, FineTuningJob
-from webapp.customizations.services.jobs import job_event_create, job_model_name
-from webapp.customizations.services.pipeline import (
-    checkpoint_record,
-    feature_set_ready,
+from webapp.customizations.services.claims import job_claim, job_release
+from webapp.customizations.services.jobs import job_event_create
+from webapp.customizations.services.planning import (
     job_adapter_config,
-    job_claim,
-    job_extraction_done,
-    job_fail,
     job_feature_config,
     job_parent_artifact,
-    job_record_metrics,
-    job_release,
     job_splits,
-    job_succeed,
-    job_tokenize,
+    job_tokenized,
     job_training_config,
-    job_training_resumed,
     job_validate_files,
+)
+from webapp.customizations.services.results import (
+    checkpoint_record,
+    feature_set_ready,
+    job_extraction_done,
+    job_fail,
+    job_record_metrics,
+    job_succeed,
+    job_training_resumed,
 )
 from webapp.metrics.stages import timed_stage
 from workers import runtime
@@ -155,7 +163,7 @@ def extract_job_features(self: Any, job_id: str) -> str:
 
 def _extract(job: FineTuningJob, worker: str) -> None:
     from customization.errors import TrainingCancelled
-    from customization.features import extract_features
+    from customization.pipeline import FeaturePart, StepHooks, extract
 
     heartbeat = runtime.Heartbeat(job, worker)
     job_event_create(
@@ -163,33 +171,36 @@ def _extract(job: FineTuningJob, worker: str) -> None:
         message=f"Extracting hidden states with {job.base.name}",
         data={"worker": worker},
     )
-    base = runtime.load_base(job.base)
+    base = load_base(job.base)
     splits = job_splits(job)
     config = job_feature_config(job)
     todo = [
-        (feature_set, examples)
-        for feature_set, examples in (
-            (job.train_features, splits.train),
-            (job.valid_features, splits.valid),
+        (feature_set, examples, part)
+        for feature_set, examples, part in (
+            (job.train_features, splits.train, "train"),
+            (job.valid_features, splits.valid, "valid"),
         )
         if feature_set is not None and feature_set.status != FeatureSet.Status.READY
     ]
-    total = max(1, sum(len(examples) for _, examples in todo))
-    done = 0
-    for feature_set, examples in todo:
-        tokenized = job_tokenize(job, examples, max_length=config.max_length)
-        offset = done
-        result = extract_features(
-            base,
-            tokenized,
-            config,
-            cache_dir=data_path("features"),
-            key=feature_set.key,
-            progress=lambda n, _total, offset=offset: heartbeat.update((offset + n) / total),
-            cancel=heartbeat.should_stop,
+    parts = [
+        FeaturePart(
+            record.key, job_tokenized(job, examples, part=part, max_length=config.max_length)
         )
-        feature_set_ready(feature_set=feature_set, path=result.path, manifest=result.manifest)
-        done += len(examples)
+        for record, examples, part in todo
+    ]
+    extract(
+        base,
+        parts,
+        config,
+        cache_dir=features_root(),
+        hooks=StepHooks(
+            progress=lambda done, total: heartbeat.update(done / max(1, total)),
+            should_cancel=heartbeat.should_stop,
+        ),
+        on_ready=lambda index, result: feature_set_ready(
+            feature_set=todo[index][0], path=result.path, manifest=result.manifest
+        ),
+    )
     heartbeat.beat(force=True)
     if heartbeat.stopped:
         raise TrainingCancelled("extraction stopped")
@@ -269,16 +280,17 @@ def _open_features(feature_set: FeatureSet | None, base_key: str) -> Any:
 def _train(job: FineTuningJob, worker: str) -> None:
     """A training node: cached features plus what the adapter runs, never the whole base."""
     from customization.base_model import BaseFingerprint
-    from customization.checkpoint import load_initial_weights, save_adapter
-    from customization.training import TrainingCallbacks, load_training_node, train_adapter
+    from customization.checkpoint import latest_checkpoint_step, load_initial_weights
+    from customization.pipeline import StepHooks, save, train
+    from customization.training import load_training_node
 
     heartbeat = runtime.Heartbeat(job, worker)
     fingerprint = BaseFingerprint.from_dict(job.base.fingerprint)
     train_data = _open_features(job.train_features, fingerprint.key)
     valid_data = _open_features(job.valid_features, fingerprint.key) if job.valid_features else None
     config, training = job_adapter_config(job), job_training_config(job)
-    checkpoints = data_path(f"jobs/{job.id}/checkpoints")
-    resumed_at = runtime.latest_checkpoint_step(checkpoints)
+    checkpoints = data_path(checkpoints_folder(job.id))
+    resumed_at = latest_checkpoint_step(checkpoints)
     # A continued fine-tune starts from its parent's weights, checked like any artifact
     # load; a resumed run starts from its own checkpoint instead.
     parent = job_parent_artifact(job) if resumed_at is None else None
@@ -289,7 +301,7 @@ def _train(job: FineTuningJob, worker: str) -> None:
             config=config,
             base_fingerprints=[fingerprint],
             expected_sha256=parent[1],
-            device=runtime.device(),
+            device=device(),
         )
     if resumed_at is not None:
         job_training_resumed(job=job, step=resumed_at, worker=worker)
@@ -300,35 +312,34 @@ def _train(job: FineTuningJob, worker: str) -> None:
             message=f"Training started on {len(train_data)} examples{start}",
             data={"worker": worker},
         )
-    runtime.warm_up()
+    warm_up()
     adapter, head_weight = load_training_node(
-        job.base.path, config, seed=training.seed, device=runtime.device()
+        job.base.path, config, seed=training.seed, device=device()
     )
     recorder = TrainingRecorder(job, heartbeat, training.epochs)
-    result = train_adapter(
+    result = train(
         adapter,
-        train_data,
         head_weight,
+        train_data,
         training,
-        num_layers=fingerprint.num_layers,
-        base_fingerprints=[fingerprint],
+        fingerprint=fingerprint,
         valid_data=valid_data,
         checkpoint_dir=checkpoints,
         resume=True,
-        callbacks=TrainingCallbacks(
-            on_progress=recorder.progress,
+        initial_weights=initial,
+        hooks=StepHooks(
+            should_cancel=heartbeat.should_stop,
+            on_step=recorder.progress,
             on_metrics=recorder.metrics,
             on_checkpoint=recorder.checkpoint,
-            should_cancel=heartbeat.should_stop,
         ),
-        initial_weights=initial,
     )
-    relative = runtime.adapter_path(job.id)  # this attempt's own: a loser removes only it
-    info = save_adapter(
+    relative = adapter_path(job.id)  # this attempt's own: a loser removes only it
+    info = save(
         result.carry_on,
         data_path(relative),
-        base_fingerprints=[fingerprint],
-        metadata={"job": job.id, "name": job_model_name(job), "parent": job.parent_model or None},
+        fingerprint=fingerprint,
+        metadata={"job": job.id, "name": job.model_name, "parent": job.parent_model or None},
     )
     last = result.history[-1] if result.history else {}
     adapter = job_succeed(
@@ -402,7 +413,7 @@ def _evaluate(evaluation: Any, worker: str) -> None:
     from customization.evaluation import evaluate_models
     from webapp.evaluations import services as evaluations
 
-    base = runtime.load_base(evaluation.base)
+    base = load_base(evaluation.base)
     examples = evaluations.evaluation_examples(evaluation=evaluation)
     evaluations.evaluation_start(evaluation=evaluation, examples=examples)
     results = list(evaluation.results.order_by("position"))

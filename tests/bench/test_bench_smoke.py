@@ -58,7 +58,8 @@ def test_train_bench_writes_every_run(tiny_base_dir, toy_problems, tmp_path, res
 def test_serve_bench_writes_every_comparison(
     tiny_base_dir, toy_problems, tmp_path, restore_threads
 ):
-    """The serving benchmark times every decoding path, the concurrency and cold loads."""
+    """The serving benchmark times every decoding path, the concurrency, cold loads and
+    the runs at scale: requests at once, churn, cold-load percentiles, a long prompt joining."""
     from bench import serve_bench
 
     argv = [
@@ -79,6 +80,22 @@ def test_serve_bench_writes_every_comparison(
         "1",
         "--cold-loads",
         "2",
+        "--concurrency",
+        "1,2",
+        "--population",
+        "12",
+        "--population-loads",
+        "5",
+        "--churn-adapters",
+        "10",
+        "--churn-cache",
+        "3",
+        "--churn-requests",
+        "6",
+        "--long-prompt",
+        "64",
+        "--running",
+        "2",
     ]
     assert serve_bench.main(argv) == 0
     result = json.loads((tmp_path / "serve.json").read_text("utf-8"))
@@ -92,5 +109,14 @@ def test_serve_bench_writes_every_comparison(
         "PEFT, LoRA q/v (adapter_names batch)",
     }
     assert len(result["cold_load_ms"]) == 2
-    assert len(result["targets"]) == 3
+    scale = result["scale"]
+    assert set(scale["concurrency"]) == {"1", "2"}
+    assert scale["concurrency"]["2"]["one_by_one_tokens_per_second"] is not None
+    assert scale["churn"]["adapters"] == 10
+    assert scale["churn"]["churn"]["cache_bytes_at_end"] <= scale["churn"]["cache_bound_bytes"]
+    assert scale["cold_loads"]["adapters_on_disk"] == 12
+    assert scale["cold_loads"]["loads"] == 5
+    assert 0 < scale["cold_loads"]["p50_ms"] <= scale["cold_loads"]["p99_ms"]
+    assert scale["long_prompt"]["prompt_tokens"] > 0
+    assert len(result["targets"]) == 9
     assert "# Serving benchmark" in (tmp_path / "serve.md").read_text("utf-8")

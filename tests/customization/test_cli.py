@@ -20,7 +20,8 @@ from customization.config import (
     default_taps,
 )
 from customization.datasets import read_dataset_file
-from customization.generation import StepOutput, generate
+from customization.decode_state import StepOutput
+from customization.generation import generate
 from tests.helpers.carry_on_kit import toy_jsonl
 
 REPO = Path(__file__).resolve().parents[2]

@@ -3,41 +3,28 @@ on disk is skipped on resume (the one before it is used) instead of failing the 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from customization.base_model import FrozenBase
-from customization.checkpoint import save_carry_on
-from customization.config import TrainingConfig
+from customization.checkpoint import checkpoint_path, latest_checkpoint, save_carry_on
 from customization.durable import replace_durably
 from customization.errors import TrainingCancelled
 from customization.features import FeatureData
-from customization.training import (
-    TrainingCallbacks,
-    checkpoint_path,
-    latest_checkpoint,
-    train_adapter,
-)
-from tests.helpers.carry_on_kit import new_carry_on, tiny_config
-
-RESUMABLE = TrainingConfig(
-    epochs=2, batch_size=2, learning_rate=1e-2, warmup_fraction=0.25, seed=3, checkpoint_every=2
-)
+from customization.training import TrainingCallbacks
+from tests.helpers.carry_on_kit import RESUMABLE, new_carry_on, tiny_config, train_on_base
 
 
 def _train(
     base: FrozenBase, data: FeatureData, folder: Path, callbacks: TrainingCallbacks | None = None
 ) -> Any:
-    return train_adapter(
+    return train_on_base(
+        base,
         new_carry_on(base, tiny_config(), seed=2),
         data,
-        base.head_weight,
         RESUMABLE,
-        num_layers=base.num_layers,
-        base_fingerprints=[base.fingerprint()],
         checkpoint_dir=folder,
         callbacks=callbacks,
     )
@@ -82,37 +69,23 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(
         assert mine.equal(theirs), name
 
 
-def _record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """Every path os.fsync is called on, in order (the real fsync still runs)."""
-    synced: list[Path] = []
-    real = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    return synced
-
-
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name the fds")
 def test_a_replaced_artifact_is_flushed_before_and_its_folder_after_the_rename(
-    base: FrozenBase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    base: FrozenBase, tmp_path: Path, fsynced: list[Path]
 ) -> None:
     """The files are on disk before the new name points at them, and the name itself is
     on disk before the write returns."""
-    synced = _record_fsyncs(monkeypatch)
     target = tmp_path / "adapter"
     save_carry_on(
         new_carry_on(base, tiny_config(), seed=0), target, base_fingerprints=[base.fingerprint()]
     )
-    names = [path.name for path in synced]
+    names = [path.name for path in fsynced]
     assert "carry_on.safetensors" in names
     assert "carry_on_config.json" in names
-    assert synced[-1] == tmp_path  # the parent, after the rename
+    assert fsynced[-1] == tmp_path  # the parent, after the rename
 
-    synced.clear()
+    fsynced.clear()
     staging = tmp_path / ".state.tmp"
     staging.write_bytes(b"state")
     replace_durably(staging, tmp_path / "state")
-    assert synced == [staging, tmp_path]
+    assert fsynced == [staging, tmp_path]

@@ -74,8 +74,10 @@ def test_mixed_batch_equals_each_request_alone_and_shares_the_base_forward(
         assert result.text == alone.text
         assert result.finish_reason == alone.finish_reason
     assert [r.completion_tokens for r in results] == [16, 7, 11]
-    # One prefill per request, then one shared base forward per decode step.
-    assert counters.base_forwards == len(requests) + counters.decode_steps
+    # One prefill forward for the three prompts, then one shared base forward per decode step.
+    assert counters.prefill_forwards == 1
+    assert counters.prefill_rows == len(requests)
+    assert counters.base_forwards == 1 + counters.decode_steps
     assert counters.decode_steps == 15
     assert counters.decode_rows == 15 + 6 + 10 > counters.decode_steps
     assert counters.carry_on_forwards == 16 + 7
@@ -212,7 +214,7 @@ def test_repetition_penalty_changes_greedy_output(base: FrozenBase) -> None:
 def test_multi_base_carry_on_is_not_served(base: FrozenBase) -> None:
     """Generation refuses a carry-on that reads several bases, with a clear code."""
     config = CarryOnConfig(d_model=16, n_heads=2, taps=(-1, -1), tap_bases=(0, 1))
-    carry_on = build_carry_on(config, tap_sizes=[32, 32], hidden_size=32, seed=0)
+    carry_on = build_carry_on(config, width=32, seed=0)
     with pytest.raises(CustomizationError) as caught:
         generate(base, _prompt(base, "hi"), GREEDY, carry_on)
     assert caught.value.code == "model_not_servable"
@@ -224,3 +226,181 @@ def test_greedy_decoding_is_deterministic(base: FrozenBase, ladder: CarryOn) -> 
     first = generate(base, prompt, GREEDY, ladder)
     torch.manual_seed(123)  # the global RNG plays no part in greedy decoding
     assert generate(base, prompt, GREEDY, ladder) == first
+
+
+def _same_shape(base: FrozenBase, taps: tuple[int, ...], seed: int) -> CarryOn:
+    """A ladder carry-on of the ``ladder`` fixture's shape with its own weights."""
+    config = tiny_config(taps=taps, tap_mode="ladder")
+    return perturb(new_carry_on(base, config, seed=seed), seed=30 + seed)
+
+
+def test_same_shape_carry_ons_run_as_one_batched_forward_per_step(
+    base: FrozenBase, ladder: CarryOn, mixer: CarryOn
+) -> None:
+    """Same-shape carry-ons (even on other taps) decode as alone, one batched forward a step."""
+    same = [ladder, _same_shape(base, (1, -1), 1), _same_shape(base, (0, -1), 2)]
+    texts = ["one", "two two", "three three three", "four", "five"]
+    adapters: list[CarryOn | None] = [*same, mixer, None]
+    requests = [(_prompt(base, t), GREEDY, a) for t, a in zip(texts, adapters, strict=True)]
+    results, counters = generate_batch(base, requests)
+    alone = [generate(base, p, c, a).token_ids for p, c, a in requests]
+    assert [r.token_ids for r in results] == alone
+    assert len(set(map(tuple, alone))) == len(alone), "the carry-ons should change outputs"
+    assert all(r.completion_tokens == 16 for r in results)
+    # Two shape groups (the three ladders, the mixer): two batched forwards per step.
+    assert counters.decode_steps == 15
+    assert counters.carry_on_batches == 2 * counters.decode_steps
+    assert counters.carry_on_forwards == 4 * 16
+
+
+def test_carry_on_rows_joining_and_leaving_a_group_decode_as_alone(
+    base: FrozenBase, ladder: CarryOn
+) -> None:
+    """A group keeps each row exact as a longer prompt joins and a shorter reply leaves."""
+    other = _same_shape(base, (1, -1), 3)
+    early, late = _prompt(base, "first"), _prompt(base, "a much longer prompt " * 4)
+    short = GenerationConfig(temperature=0.0, max_new_tokens=6)
+    decoder = BatchDecoder(base)
+    first = decoder.new_sequence(early, GREEDY, ladder)
+    brief = decoder.new_sequence(early, short, other)
+    decoder.add(first)
+    decoder.add(brief)
+    for _ in range(3):
+        decoder.step()
+    second = decoder.new_sequence(late, GREEDY, other)
+    decoder.add(second)
+    while decoder.active:
+        decoder.step()
+    assert first.generated == generate(base, early, GREEDY, ladder).token_ids
+    assert brief.generated == generate(base, early, short, other).token_ids
+    assert second.generated == generate(base, late, GREEDY, other).token_ids
+    assert decoder.counters.carry_on_batches == decoder.counters.decode_steps
+
+
+def test_a_base_only_batch_never_asks_for_intermediate_states(base: FrozenBase) -> None:
+    """Rows without a carry-on take only the base's final state from each forward."""
+    asked: list[bool] = []
+
+    def record(module: object, args: object, kwargs: dict[str, object]) -> None:
+        asked.append(bool(kwargs.get("output_hidden_states")))
+
+    handle = base.backbone.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        generate_batch(base, [(_prompt(base, "hi"), GREEDY, None)] * 2)
+    finally:
+        handle.remove()
+    assert asked
+    assert not any(asked)
+
+
+def _decode_until_done(decoder: BatchDecoder) -> None:
+    while decoder.active:
+        decoder.step()
+
+
+def test_requests_joining_in_one_step_are_prefilled_in_one_forward(
+    base: FrozenBase, ladder: CarryOn, mixer: CarryOn
+) -> None:
+    """Three requests added together (two carry-ons, one base) share one prefill forward
+    while a running row keeps decoding, and every row decodes as alone."""
+    decoder = BatchDecoder(base)
+    running = decoder.new_sequence(_prompt(base, "first"), GREEDY, ladder)
+    decoder.add(running)
+    for _ in range(3):
+        decoder.step()
+    before = decoder.counters.prefill_forwards
+    texts = ("joins", "joins too, longer", "and a base row")
+    adapters: list[CarryOn | None] = [mixer, _same_shape(base, (0, -1), 4), None]
+    joining = [
+        decoder.new_sequence(_prompt(base, t), GREEDY, a)
+        for t, a in zip(texts, adapters, strict=True)
+    ]
+    for sequence in joining:
+        decoder.add(sequence)
+    outputs = decoder.step()
+    assert decoder.counters.prefill_forwards == before + 1 < before + len(joining)
+    assert [o.sequence for o in outputs] == [running, *joining]  # a token each, in one step
+    _decode_until_done(decoder)
+    assert running.generated == generate(base, _prompt(base, "first"), GREEDY, ladder).token_ids
+    for text, adapter, sequence in zip(texts, adapters, joining, strict=True):
+        assert sequence.generated == generate(base, _prompt(base, text), GREEDY, adapter).token_ids
+
+
+@pytest.mark.parametrize("name", ["ladder", "mixer", "none"])
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(
+    base: FrozenBase, request: pytest.FixtureRequest, ladder: CarryOn, name: str
+) -> None:
+    """A prompt over the chunk size prefills one chunk per step while the running rows get a
+    token every step; it, its carry-on (and cache) included, decodes as if prefilled whole."""
+    adapter: CarryOn | None = None if name == "none" else request.getfixturevalue(name)
+    chunk = 16
+    decoder = BatchDecoder(base, prefill_chunk=chunk)
+    early = [
+        decoder.new_sequence(_prompt(base, "one"), GREEDY, ladder),
+        decoder.new_sequence(_prompt(base, "two"), GREEDY, None),
+    ]
+    for sequence in early:
+        decoder.add(sequence)
+    while len(decoder.sequences) < len(early):  # two short prompts overflow one 16-token chunk
+        decoder.step()
+    late = _prompt(base, "a much longer prompt that arrives while the others decode " * 2)
+    chunks = -(-len(late) // chunk)
+    assert chunks >= 4
+    joining = decoder.new_sequence(late, GREEDY, adapter)
+    decoder.add(joining)
+    for _ in range(chunks):
+        counted = decoder.counters.as_dict()
+        outputs = decoder.step()
+        after = decoder.counters
+        assert after.decode_steps == counted["decode_steps"] + 1  # nobody waits a whole prompt
+        assert after.prefill_forwards == counted["prefill_forwards"] + 1  # one chunk a step
+        assert {id(o.sequence) for o in outputs} >= {id(s) for s in early}
+    assert len(joining.generated) == 1  # its first token came with the last chunk
+    _decode_until_done(decoder)
+    assert joining.generated == generate(base, late, GREEDY, adapter).token_ids
+    assert joining.generated == greedy_reference(base, late, 16, adapter)
+    assert early[0].generated == generate(base, _prompt(base, "one"), GREEDY, ladder).token_ids
+    assert early[1].generated == generate(base, _prompt(base, "two"), GREEDY).token_ids
+
+
+def test_short_prompts_are_prefilled_while_a_long_one_is_part_way(
+    base: FrozenBase, ladder: CarryOn
+) -> None:
+    """A short request arriving during a long prompt's chunks is prefilled in the next step
+    (ahead of the remaining chunks), and both decode as alone."""
+    decoder = BatchDecoder(base, prefill_chunk=32)
+    long_prompt = _prompt(base, "a long prompt, long enough for several chunks " * 3)
+    long = decoder.new_sequence(long_prompt, GREEDY, ladder)
+    decoder.add(long)
+    decoder.step()
+    short = decoder.new_sequence(_prompt(base, "hi"), GREEDY, ladder)
+    decoder.add(short)
+    outputs = decoder.step()
+    assert [o.sequence for o in outputs] == [short]
+    assert not long.generated
+    _decode_until_done(decoder)
+    assert long.generated == generate(base, long_prompt, GREEDY, ladder).token_ids
+    assert short.generated == generate(base, _prompt(base, "hi"), GREEDY, ladder).token_ids
+
+
+def test_a_request_cancelled_before_its_prefill_never_runs(base: FrozenBase) -> None:
+    """Cancelling a queued or part-prefilled sequence leaves the decoder with nothing to do."""
+    decoder = BatchDecoder(base, prefill_chunk=8)
+    queued = decoder.new_sequence(_prompt(base, "queued"), GREEDY)
+    decoder.add(queued)
+    decoder.cancel(queued)
+    assert decoder.active == 0
+    chunked = decoder.new_sequence(_prompt(base, "a prompt of several chunks"), GREEDY)
+    decoder.add(chunked)
+    decoder.step()
+    assert decoder.active == 1
+    decoder.cancel(chunked)
+    assert decoder.active == 0
+    assert decoder.step() == []
+    assert chunked.finish_reason == "stop"
+
+
+def test_a_prefill_chunk_below_one_token_is_refused(base: FrozenBase) -> None:
+    """The chunk size must be a positive number of tokens."""
+    with pytest.raises(ValueError, match="at least 1"):
+        BatchDecoder(base, prefill_chunk=0)

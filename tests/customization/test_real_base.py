@@ -16,7 +16,8 @@ from customization.evaluation import heldout_metrics
 from customization.features import extract_features
 from customization.generation import generate
 from customization.tokenizer import tokenize_examples
-from customization.training import build_carry_on, train_adapter
+from customization.training import build_carry_on
+from tests.helpers.carry_on_kit import train_on_base
 
 pytestmark = pytest.mark.slow
 
@@ -87,16 +88,12 @@ def test_one_epoch_on_demo_problems_lowers_heldout_loss_and_still_answers(
         sets[name] = extract_features(real_base, tokenized, config, cache_dir=tmp_path, key=name)
     train_data, held_out_data = sets["train"].load(), sets["held-out"].load()
 
-    carry_on = build_carry_on(
-        shape, tap_sizes=[576] * len(shape.taps), hidden_size=real_base.hidden_size, seed=0
-    )
-    result = train_adapter(
+    carry_on = build_carry_on(shape, width=real_base.hidden_size, seed=0)
+    result = train_on_base(
+        real_base,
         carry_on,
         train_data,
-        real_base.head_weight,
         TrainingConfig(epochs=1, batch_size=8),
-        num_layers=real_base.num_layers,
-        base_fingerprints=[real_base.fingerprint()],
     )
     before = heldout_metrics(real_base, None, held_out_data)
     after = heldout_metrics(real_base, result.carry_on, held_out_data)

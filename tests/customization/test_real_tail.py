@@ -20,8 +20,8 @@ from customization.features import FeatureData, extract_features
 from customization.generation import prompt_logits
 from customization.tail import TailModel
 from customization.tokenizer import TokenizedExample, tokenize_examples
-from customization.training import FeatureLayout, build_adapter, evaluate, train_adapter
-from tests.helpers.carry_on_kit import perturb_tail
+from customization.training import FeatureLayout, build_adapter, evaluate
+from tests.helpers.carry_on_kit import perturb_tail, train_on_base
 
 pytestmark = pytest.mark.slow
 
@@ -93,13 +93,11 @@ def test_a_depth_l_tail_matches_peft_lora_on_all_layers(
     initial = {k: v.detach().clone() for k, v in tail.lora_state_dict().items()}
     train_data = _features(real_base, train, 0, tmp_path, "train")
     held_out_data = _features(real_base, held_out, 0, tmp_path, "held-out")
-    train_adapter(
+    train_on_base(
+        real_base,
         tail,
         train_data,
-        real_base.head_weight,
         training,
-        num_layers=real_base.num_layers,
-        base_fingerprints=[real_base.fingerprint()],
     )
     layout = FeatureLayout.for_tail(held_out_data, tail.config)
     ours = evaluate(tail, held_out_data, layout, real_base.head_weight)["loss"]

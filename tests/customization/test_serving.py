@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from customization.checkpoint import save_carry_on
-from customization.config import CarryOnConfig, GenerationConfig
-from customization.errors import ArtifactError, EngineOverloaded
+from customization.checkpoint import (
+    CONFIG_FILE,
+    PEFT_CONFIG_FILE,
+    PEFT_WEIGHTS_FILE,
+    TAIL_FILE,
+    WEIGHTS_FILE,
+    load_carry_on,
+    save_adapter,
+    save_carry_on,
+)
+from customization.config import CarryOnConfig, GenerationConfig, TailConfig
+from customization.errors import ArtifactError, EngineOverloaded, IncompatibleBaseModelError
 from customization.generation import generate
 from customization.serving import AdapterCache, AdapterRef, ServingEngine
-from customization.training import build_carry_on
+from customization.training import build_adapter, build_carry_on
 from tests.helpers.tiny_models import tiny_base
 
 GREEDY = GenerationConfig(temperature=0.0, max_new_tokens=12)
@@ -28,8 +39,7 @@ def _trained_like(base, seed: int):
     """A carry-on with non-zero weights, so it changes the base's output."""
     carry_on = build_carry_on(
         CarryOnConfig(d_model=16, n_heads=2, taps=(-1, 1), tap_mode="ladder"),
-        tap_sizes=[base.hidden_size, base.hidden_size],
-        hidden_size=base.hidden_size,
+        width=base.hidden_size,
         seed=seed,
     )
     with torch.no_grad():
@@ -150,3 +160,108 @@ def test_n_choices_with_seed_are_reproducible(base):
     assert first == second
     assert first[0][0] != first[1][0]
     engine.shutdown()
+
+
+def test_concurrent_gets_of_one_adapter_load_it_once(base, tmp_path):
+    """Requests racing for an adapter not yet cached share one load and one object."""
+    ref = _saved(base, tmp_path, "a", seed=1)
+    cache = AdapterCache(max_bytes=1 << 30)
+    barrier = threading.Barrier(4)
+    loaded: list[object] = []
+
+    def get() -> None:
+        barrier.wait()
+        loaded.append(cache.get(ref, base))
+
+    threads = [threading.Thread(target=get) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert cache.loads == 1
+    assert cache.hits == 3
+    assert all(item is loaded[0] for item in loaded)
+
+
+def test_a_failed_load_is_raised_to_every_waiter_and_not_cached(base, tmp_path):
+    """A load that fails leaves nothing behind: the next get tries again."""
+    ref = AdapterRef(adapter_id="gone", path=tmp_path / "missing", sha256="0" * 64)
+    cache = AdapterCache(max_bytes=1 << 30)
+    for _ in range(2):
+        with pytest.raises(ArtifactError):
+            cache.get(ref, base)
+    assert (len(cache), cache.nbytes, cache.loads) == (0, 0, 0)
+
+
+def test_a_refused_request_loads_no_adapter(base, tmp_path):
+    """Admission is checked before the adapter load: an overloaded engine loads nothing."""
+    engine = _engine(base, max_pending=1)
+    long = GenerationConfig(temperature=0.0, max_new_tokens=200)
+    first = engine.submit("tiny", _prompt(base, "one"), long)
+    ref = _saved(base, tmp_path, "a", seed=1)
+    with pytest.raises(EngineOverloaded):
+        engine.submit("tiny", _prompt(base, "two"), long, adapter=ref)
+    assert engine.adapters.loads == 0
+    first.cancel()
+    engine.shutdown()
+
+
+def _record_opens(monkeypatch, on_open=None) -> list[str]:
+    """Names of the files opened through pathlib from now on (``on_open`` runs after each)."""
+    opened: list[str] = []
+    real_open = Path.open
+
+    def recording_open(self, *args, **kwargs):
+        handle = real_open(self, *args, **kwargs)
+        opened.append(self.name)
+        if on_open is not None:
+            on_open(self)
+        return handle
+
+    monkeypatch.setattr(Path, "open", recording_open)
+    return opened
+
+
+def test_a_cold_load_reads_each_file_once_and_loads_the_bytes_it_hashed(
+    base, tmp_path, monkeypatch
+):
+    """A cache miss opens each artifact file once; the weights served are the ones hashed."""
+    ref = _saved(base, tmp_path, "a", seed=1)
+    other = _saved(base, tmp_path, "b", seed=2)
+    reference = load_carry_on(ref.path)
+
+    def swap_weights_once_open(path: Path) -> None:
+        # The open handle keeps the old file: a second read by path would get b's weights.
+        if path == ref.path / WEIGHTS_FILE:
+            shutil.copyfile(other.path / WEIGHTS_FILE, tmp_path / "swap")
+            os.replace(tmp_path / "swap", path)
+
+    opened = _record_opens(monkeypatch, swap_weights_once_open)
+    loaded = AdapterCache(max_bytes=1 << 30).get(ref, base)
+    monkeypatch.undo()
+    assert sorted(opened) == sorted([WEIGHTS_FILE, CONFIG_FILE])
+    for name, value in reference.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value)
+
+
+def test_a_mismatched_base_is_refused_before_the_weights_are_read(
+    base, other_base, tmp_path, monkeypatch
+):
+    """The fingerprint in the small config is checked first: the weights stay unread."""
+    ref = _saved(base, tmp_path, "a", seed=1)
+    opened = _record_opens(monkeypatch)
+    with pytest.raises(IncompatibleBaseModelError):
+        AdapterCache(max_bytes=1 << 30).get(ref, other_base)
+    monkeypatch.undo()
+    assert opened == [CONFIG_FILE]
+
+
+def test_a_cold_tail_load_reads_each_file_once(base, tmp_path, monkeypatch):
+    """A tail's three files (PEFT config and weights, our metadata) are each opened once."""
+    tail = build_adapter(base, TailConfig(depth=1, rank=4), seed=0)
+    info = save_adapter(tail, tmp_path / "tail", base_fingerprints=[base.fingerprint()])
+    ref = AdapterRef(adapter_id="tail", path=info.path, sha256=info.sha256)
+    opened = _record_opens(monkeypatch)
+    AdapterCache(max_bytes=1 << 30).get(ref, base)
+    monkeypatch.undo()
+    assert sorted(opened) == sorted([PEFT_WEIGHTS_FILE, PEFT_CONFIG_FILE, TAIL_FILE])

@@ -28,13 +28,8 @@ from customization.training import (
     TrainingResult,
     build_adapter,
     evaluate,
-    train_adapter,
 )
-from tests.helpers.carry_on_kit import perturb_tail
-
-RESUMABLE = TrainingConfig(
-    epochs=2, batch_size=2, learning_rate=1e-2, warmup_fraction=0.25, seed=3, checkpoint_every=2
-)
+from tests.helpers.carry_on_kit import RESUMABLE, perturb_tail, train_on_base
 
 
 def _tail(base: FrozenBase, depth: int, *, seed: int = 0) -> TailModel:
@@ -67,13 +62,11 @@ def test_only_lora_parameters_get_gradients(
     """Training touches the LoRA matrices only; the copied base layers stay frozen."""
     tail = _tail(base, 2)
     frozen = {n: p.detach().clone() for n, p in tail.named_parameters() if not p.requires_grad}
-    train_adapter(
+    train_on_base(
+        base,
         tail,
         toy_features[0],
-        base.head_weight,
         TrainingConfig(epochs=1, batch_size=4, learning_rate=1e-2),
-        num_layers=base.num_layers,
-        base_fingerprints=[base.fingerprint()],
     )
     trainable = {n for n, p in tail.named_parameters() if p.requires_grad}
     assert trainable
@@ -91,13 +84,11 @@ def test_a_tail_learns_on_the_cached_state(
     train, _ = toy_features
     tail = _tail(base, 1)
     base_loss = evaluate(None, train, FeatureLayout.for_taps(train, [-1], 2), base.head_weight)
-    result = train_adapter(
+    result = train_on_base(
+        base,
         tail,
         train,
-        base.head_weight,
         TrainingConfig(epochs=4, batch_size=2, learning_rate=2e-2),
-        num_layers=base.num_layers,
-        base_fingerprints=[base.fingerprint()],
     )
     layout = FeatureLayout.for_tail(train, tail.config)
     assert evaluate(result.carry_on, train, layout, base.head_weight)["loss"] < base_loss["loss"]
@@ -152,13 +143,11 @@ def test_training_resumes_to_the_same_weights(
     train, valid = toy_features
 
     def run(folder: Path, callbacks: TrainingCallbacks | None = None) -> TrainingResult:
-        return train_adapter(
+        return train_on_base(
+            base,
             _tail(base, 2),
             train,
-            base.head_weight,
             RESUMABLE,
-            num_layers=base.num_layers,
-            base_fingerprints=[base.fingerprint()],
             valid_data=valid,
             checkpoint_dir=folder,
             callbacks=callbacks,

@@ -9,10 +9,11 @@ import pytest
 from customization.base_model import FrozenBase
 from customization.checkpoint import load_tail_adapter, save_tail
 from customization.config import GenerationConfig, TailConfig
+from customization.decoder import BatchDecoder
 from customization.errors import CustomizationError
 from customization.evaluation import heldout_metrics
 from customization.features import FeatureData
-from customization.generation import BatchDecoder, generate, generate_batch, greedy_reference
+from customization.generation import generate, generate_batch, greedy_reference
 from customization.tail import TailAdapter, TailModel
 from customization.training import FeatureLayout, build_adapter, evaluate
 from tests.helpers.carry_on_kit import (
@@ -62,19 +63,25 @@ def test_a_served_tail_decodes_what_training_computes(
 def test_a_mixed_batch_gives_every_row_what_it_gives_alone(
     serving_base: FrozenBase, tmp_path: Path
 ) -> None:
-    """Base, carry-on and two tails of different depths (and ranks) decode together exactly."""
+    """Base, two same-shape carry-ons and two tails of different depths (and ranks) decode
+    together exactly as alone; the carry-ons run as one batched forward per step."""
     carry_on = perturb(new_carry_on(serving_base, tiny_config(taps=(1, -1))), seed=5)
+    twin = perturb(new_carry_on(serving_base, tiny_config(taps=(1, -1)), seed=1), seed=6)
     shallow = _served(serving_base, _trained_tail(serving_base, 1, seed=2), tmp_path / "a")
     deep = _served(serving_base, _trained_tail(serving_base, 2, seed=3, rank=2), tmp_path / "b")
-    adapters = [None, carry_on, shallow, deep]
-    prompts = [_prompt(serving_base, text) for text in ("one", "two two", "three", "four!")]
+    adapters = [None, carry_on, shallow, deep, twin]
+    texts = ("one", "two two", "three", "four!", "five five")
+    prompts = [_prompt(serving_base, text) for text in texts]
     requests = [(p, GREEDY, a) for p, a in zip(prompts, adapters, strict=True)]
     alone = [generate(serving_base, p, GREEDY, a).token_ids for p, _, a in requests]
     results, counters = generate_batch(serving_base, requests)
     assert [r.token_ids for r in results] == alone
-    assert len(set(map(tuple, alone))) == 4, "the adapters should change the outputs"
-    # One base forward per prefill and per decode step, whatever the rows run.
-    assert counters.base_forwards == len(requests) + counters.decode_steps
+    assert len(set(map(tuple, alone))) == 5, "the adapters should change the outputs"
+    # One prefill forward for all five prompts, then one per decode step, whatever the rows run.
+    assert counters.prefill_forwards == 1
+    assert counters.base_forwards == 1 + counters.decode_steps
+    assert all(r.completion_tokens == 12 for r in results)
+    assert counters.carry_on_batches == counters.decode_steps == 11
 
 
 def test_tails_in_one_step_share_one_batched_product_per_layer(
@@ -92,15 +99,16 @@ def test_tails_in_one_step_share_one_batched_product_per_layer(
     ]
     for sequence in sequences:
         decoder.add(sequence)
+    decoder.step()  # one prefill forward for the three prompts
     assert not any(s.finished for s in sequences)
-    # Prefills run alone: the shallow tail covers 1 layer, the deep one 2.
-    assert decoder.counters.tail_delta_products == 3 * MODULES_PER_LAYER
+    # In the prefill as in a decode step, layer 1 holds both tails' rows in one product and
+    # layer 0 only the deep one's.
+    assert decoder.counters.tail_delta_products == 2 * MODULES_PER_LAYER
     decoder.step()
     counters = decoder.counters
-    assert counters.base_forwards == 4
+    assert counters.base_forwards == 2
     assert counters.decode_steps == 1
-    # Layer 1 holds both tails' rows in one product; layer 0 only the deep one.
-    assert counters.tail_delta_products == 3 * MODULES_PER_LAYER + 2 * MODULES_PER_LAYER
+    assert counters.tail_delta_products == 2 * MODULES_PER_LAYER + 2 * MODULES_PER_LAYER
     assert counters.tail_rows == 1 + 1 + 2
 
 
@@ -127,3 +135,37 @@ def test_a_tails_held_out_loss_through_serving_equals_training(
     reference = evaluate(tail, valid, layout, serving_base.head_weight)
     assert abs(ours["loss"] - reference["loss"]) < 1e-4
     assert ours["token_accuracy"] == pytest.approx(reference["token_accuracy"])
+
+
+def test_rows_joining_with_batched_and_chunked_prefills_give_what_they_give_alone(
+    serving_base: FrozenBase, tmp_path: Path
+) -> None:
+    """Base, carry-on and tail rows joining a running batch, some prefilled together and a
+    long tail prompt in chunks between decode steps, each decode exactly as alone."""
+    carry_on = perturb(new_carry_on(serving_base, tiny_config(taps=(1, -1))), seed=8)
+    tail = _served(serving_base, _trained_tail(serving_base, 2, seed=9), tmp_path / "t")
+    chunk = 64
+    decoder = BatchDecoder(serving_base, prefill_chunk=chunk)
+    long_text = "a long prompt for the tail row " * 5
+    first = [("one", tail), ("two", carry_on)]
+    later = [("three", None), ("four", tail), (long_text, tail)]
+    sequences = []
+    for text, adapter in first:
+        sequences.append(decoder.new_sequence(_prompt(serving_base, text), GREEDY, adapter))
+        decoder.add(sequences[-1])
+    decoder.step()
+    decoder.step()
+    for text, adapter in later:
+        sequences.append(decoder.new_sequence(_prompt(serving_base, text), GREEDY, adapter))
+        decoder.add(sequences[-1])
+    while decoder.active:
+        decoder.step()
+    for (text, adapter), sequence in zip(first + later, sequences, strict=True):
+        alone = generate(serving_base, _prompt(serving_base, text), GREEDY, adapter)
+        assert sequence.generated == alone.token_ids
+    assert 2 * max(len(s.prompt_ids) for s in sequences[:4]) <= chunk
+    chunks = -(-len(_prompt(serving_base, long_text)) // chunk)
+    assert chunks >= 3
+    # Two forwards for the short prompts (two rows each), then one per chunk of the long one.
+    assert decoder.counters.prefill_forwards == 2 + chunks
+    assert decoder.counters.prefill_rows == 4 + chunks

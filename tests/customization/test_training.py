@@ -9,7 +9,12 @@ import torch.nn.functional as F
 
 from customization.base_model import FrozenBase
 from customization.carry_on import CarryOn
-from customization.checkpoint import ArtifactInfo, load_initial_weights, save_adapter
+from customization.checkpoint import (
+    ArtifactInfo,
+    checkpoint_path,
+    load_initial_weights,
+    save_adapter,
+)
 from customization.config import CarryOnConfig, TailConfig, TrainingConfig
 from customization.errors import ArtifactError, IncompatibleBaseModelError, TrainingCancelled
 from customization.evaluation import features_in_memory
@@ -21,50 +26,21 @@ from customization.training import (
     TrainingCallbacks,
     TrainingResult,
     build_adapter,
-    checkpoint_path,
     evaluate,
     head_loss,
     lr_at,
     make_batch,
-    train_adapter,
 )
 from tests.helpers.carry_on_kit import (
+    RESUMABLE,
     new_carry_on,
     perturb,
     perturb_tail,
     tiny_config,
     toy_examples,
+    train_on_base,
 )
 from tests.helpers.tiny_models import tiny_base
-
-RESUMABLE = TrainingConfig(
-    epochs=2, batch_size=2, learning_rate=1e-2, warmup_fraction=0.25, seed=3, checkpoint_every=2
-)
-
-
-def _train(
-    base: FrozenBase,
-    carry_on: Trainable,
-    data: FeatureData,
-    config: TrainingConfig,
-    *,
-    valid: FeatureData | None = None,
-    checkpoint_dir: Path | None = None,
-    callbacks: TrainingCallbacks | None = None,
-    initial_weights: dict[str, torch.Tensor] | None = None,
-) -> TrainingResult:
-    return train_adapter(
-        carry_on,
-        data,
-        base.head_weight,
-        config,
-        num_layers=base.num_layers,
-        base_fingerprints=[base.fingerprint()],
-        valid_data=valid,
-        checkpoint_dir=checkpoint_dir,
-        callbacks=callbacks,
-        initial_weights=initial_weights,
-    )
 
 
 def _cancel_after(steps: int) -> TrainingCallbacks:
@@ -189,12 +165,12 @@ def test_loss_decreases_on_a_small_set(
     carry_on = new_carry_on(base, config)
     layout = FeatureLayout.for_config(train, config, base.num_layers)
     before = evaluate(carry_on, train, layout, base.head_weight)
-    result = _train(
+    result = train_on_base(
         base,
         carry_on,
         train,
         TrainingConfig(epochs=6, batch_size=4, learning_rate=1e-2),
-        valid=valid,
+        valid_data=valid,
     )
     after = evaluate(result.carry_on, train, layout, base.head_weight)
     assert after["loss"] < 0.7 * before["loss"]
@@ -214,7 +190,7 @@ def test_frozen_base_gets_no_gradient_and_is_unchanged_by_training() -> None:
     data = features_in_memory(base, tokenized, taps=(1, -1))
     before = {name: p.detach().clone() for name, p in base.model.named_parameters()}
     carry_on = new_carry_on(base, tiny_config(taps=(1, -1), tap_mode="ladder"))
-    result = _train(base, carry_on, data, TrainingConfig(epochs=2, batch_size=3))
+    result = train_on_base(base, carry_on, data, TrainingConfig(epochs=2, batch_size=3))
     assert result.steps == 4
     for name, param in base.model.named_parameters():
         assert not param.requires_grad, name
@@ -230,7 +206,9 @@ def test_training_reads_only_cached_features(
     calls: list[int] = []
     handle = base.backbone.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
-        _train(base, new_carry_on(base, tiny_config()), toy_features[0], TrainingConfig(epochs=1))
+        train_on_base(
+            base, new_carry_on(base, tiny_config()), toy_features[0], TrainingConfig(epochs=1)
+        )
     finally:
         handle.remove()
     assert calls == []
@@ -250,8 +228,14 @@ def test_callbacks_report_progress_metrics_and_checkpoints(
     )
     train, valid = toy_features
     carry_on = new_carry_on(base, tiny_config())
-    _train(
-        base, carry_on, train, RESUMABLE, valid=valid, checkpoint_dir=tmp_path, callbacks=callbacks
+    train_on_base(
+        base,
+        carry_on,
+        train,
+        RESUMABLE,
+        valid_data=valid,
+        checkpoint_dir=tmp_path,
+        callbacks=callbacks,
     )
     assert [p["step"] for p in progress] == list(range(1, 9))
     assert all(p["total_steps"] == 8 for p in progress)
@@ -271,7 +255,7 @@ def test_cancel_stops_between_steps(
     callbacks = _cancel_after(3)
     callbacks.on_progress = lambda p: steps.append(p["step"])
     with pytest.raises(TrainingCancelled):
-        _train(
+        train_on_base(
             base, new_carry_on(base, tiny_config()), toy_features[0], RESUMABLE, callbacks=callbacks
         )
     assert steps == [1, 2, 3]
@@ -297,24 +281,18 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_run(
     """Cancel after a checkpoint, resume with a fresh carry-on: weights equal bit for bit."""
     train, valid = toy_features
     shape = tiny_config(taps=(1, -1), tap_mode="ladder")
-    uninterrupted = _train(base, new_carry_on(base, shape, seed=9), train, config, valid=valid)
 
+    def run(**options: Any) -> TrainingResult:
+        carry_on = new_carry_on(base, shape, seed=9)
+        return train_on_base(base, carry_on, train, config, valid_data=valid, **options)
+
+    uninterrupted = run()
     folder = tmp_path / "checkpoints"
     with pytest.raises(TrainingCancelled):
-        _train(
-            base,
-            new_carry_on(base, shape, seed=9),
-            train,
-            config,
-            valid=valid,
-            checkpoint_dir=folder,
-            callbacks=_cancel_after(stop_after),
-        )
+        run(checkpoint_dir=folder, callbacks=_cancel_after(stop_after))
     newest = sorted(folder.iterdir())[-1]
     assert newest == checkpoint_path(folder, latest)
-    resumed = _train(
-        base, new_carry_on(base, shape, seed=9), train, config, valid=valid, checkpoint_dir=folder
-    )
+    resumed = run(checkpoint_dir=folder)
     _assert_same_weights(resumed.carry_on, uninterrupted.carry_on)
     assert resumed.steps == uninterrupted.steps
     assert resumed.trained_tokens == uninterrupted.trained_tokens
@@ -328,23 +306,18 @@ def test_resume_ignores_a_checkpoint_left_half_written(
 ) -> None:
     """A checkpoint folder without its trainer state (a crash mid-write) is discarded."""
     train, _ = toy_features
-    shape = tiny_config()
-    reference = _train(base, new_carry_on(base, shape, seed=2), train, RESUMABLE)
+
+    def run(**options: Any) -> TrainingResult:
+        carry_on = new_carry_on(base, tiny_config(), seed=2)
+        return train_on_base(base, carry_on, train, RESUMABLE, **options)
+
+    reference = run()
     with pytest.raises(TrainingCancelled):
-        _train(
-            base,
-            new_carry_on(base, shape, seed=2),
-            train,
-            RESUMABLE,
-            checkpoint_dir=tmp_path,
-            callbacks=_cancel_after(5),
-        )
+        run(checkpoint_dir=tmp_path, callbacks=_cancel_after(5))
     half_written = checkpoint_path(tmp_path, 6)
     half_written.mkdir()
     (half_written / "carry_on.safetensors").write_bytes(b"partial")
-    resumed = _train(
-        base, new_carry_on(base, shape, seed=2), train, RESUMABLE, checkpoint_dir=tmp_path
-    )
+    resumed = run(checkpoint_dir=tmp_path)
     _assert_same_weights(resumed.carry_on, reference.carry_on)
     state = json.loads((checkpoint_path(tmp_path, 6) / "trainer_state.json").read_text())
     assert state["step"] == 6
@@ -357,7 +330,7 @@ def test_early_stopping_keeps_the_best_weights(
     train, valid = toy_features
     carry_on = new_carry_on(base, tiny_config())
     config = TrainingConfig(epochs=40, batch_size=8, learning_rate=0.5, early_stopping_patience=1)
-    result = _train(base, carry_on, train, config, valid=valid)
+    result = train_on_base(base, carry_on, train, config, valid_data=valid)
     assert result.stopped_early
     layout = FeatureLayout.for_config(valid, carry_on.config, base.num_layers)
     score = evaluate(result.carry_on, valid, layout, base.head_weight, batch_size=8)
@@ -372,7 +345,7 @@ def test_training_refuses_features_without_the_carry_on_taps(
     train, _ = toy_features
     features_without = FeatureData(train.examples, [(0, 5), (0, 1), (0, 2)], train.state_sizes)
     with pytest.raises(ArtifactError, match="no hidden state 0"):
-        _train(
+        train_on_base(
             base,
             new_carry_on(base, tiny_config(taps=(0, -1))),
             features_without,
@@ -428,7 +401,7 @@ def test_a_continued_run_starts_from_the_parent_weights(
     def first_step_loss(model: Trainable, initial: dict[str, torch.Tensor] | None) -> float:
         losses: list[float] = []
         on_progress = TrainingCallbacks(on_progress=lambda p: losses.append(p["train_loss"]))
-        _train(base, model, train, config, callbacks=on_progress, initial_weights=initial)
+        train_on_base(base, model, train, config, callbacks=on_progress, initial_weights=initial)
         return losses[0]
 
     assert first_step_loss(child, weights) == pytest.approx(expected, rel=1e-6)
@@ -460,4 +433,4 @@ def test_initial_weights_are_checked_like_any_artifact_load(
     wrong = {k: torch.zeros(1) for k in child.state_dict()}
     empty = FeatureData([], [(0, 1), (0, 2)], [32, 32])
     with pytest.raises(ArtifactError, match="do not fit"):
-        _train(base, child, empty, TrainingConfig(epochs=1), initial_weights=wrong)
+        train_on_base(base, child, empty, TrainingConfig(epochs=1), initial_weights=wrong)

@@ -85,6 +85,23 @@ class Tab:
         self.page.get_by_role("button", name="Sign in").click()
         self.page.wait_for_url(re.compile(r"/$"))
 
+    def open_playground(self, model: str, *, max_tokens: int) -> None:
+        """From a finished job's page, its playground set to greedy replies of ``max_tokens``."""
+        self.page.get_by_role("link", name="Chat with it in the playground").click()
+        self.page.wait_for_url(re.compile(r"/playground/"))
+        assert self.page.get_by_label("Chat with").input_value() == model
+        self.page.get_by_label("Temperature").fill("0")
+        self.page.get_by_label("Max tokens").fill(str(max_tokens))
+
+    def finished_answer(self, pane: int = 0, *, timeout_ms: int = 180_000) -> Any:
+        """The newest answer in playground ``pane``, once it has finished streaming."""
+        answer = self.page.locator(f'[data-pane="{pane}"] [data-answer]').last
+        answer.wait_for()
+        self.page.wait_for_function(
+            "el => el.dataset.done === 'true'", arg=answer.element_handle(), timeout=timeout_ms
+        )
+        return answer
+
     def assert_labelled(self) -> None:
         """Every visible form control has a label (or an ARIA name)."""
         unlabelled = self.page.evaluate(

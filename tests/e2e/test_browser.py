@@ -131,11 +131,7 @@ def _chat(tab: Tab, prompt: str, panes: int) -> list[dict[str, Any]]:
     tab.page.get_by_label("Message", exact=True).press("Enter")
     answers = []
     for index in range(panes):
-        answer = tab.page.locator(f'[data-pane="{index}"] [data-answer]').last
-        answer.wait_for()
-        tab.page.wait_for_function(
-            "el => el.dataset.done === 'true'", arg=answer.element_handle(), timeout=180_000
-        )
+        answer = tab.finished_answer(index)
         answers.append(
             {
                 "title": tab.page.locator(f'[data-pane="{index}"] [data-pane-title]').inner_text(),
@@ -208,11 +204,7 @@ def test_sign_in_upload_train_watch_and_chat(
     tab.shot("08-job-succeeded")
 
     # Chat with the adapter: the answer streams in.
-    page.get_by_role("link", name="Chat with it in the playground").click()
-    page.wait_for_url(re.compile(r"/playground/"))
-    assert page.get_by_label("Chat with").input_value() == adapter.name
-    page.get_by_label("Temperature").fill("0")
-    page.get_by_label("Max tokens").fill("48")
+    tab.open_playground(adapter.name, max_tokens=48)
     tab.assert_labelled()
     question = "Sam has 4 bags of 6 apples. How many apples does Sam have?"
     [single] = _chat(tab, question, panes=1)

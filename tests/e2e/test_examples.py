@@ -96,11 +96,7 @@ def test_start_a_job_from_an_example_dataset_and_chat_with_the_result(
     page.get_by_label("Temperature").fill("0")
     page.get_by_label("Max tokens").fill("48")
     message.press("Enter")
-    answer = page.locator('[data-pane="0"] [data-answer]').last
-    answer.wait_for()
-    page.wait_for_function(
-        "el => el.dataset.done === 'true'", arg=answer.element_handle(), timeout=180_000
-    )
+    answer = tab.finished_answer()
     assert not answer.evaluate("el => el.parentNode.classList.contains('error')")
     assert answer.inner_text().strip()
     tab.assert_labelled()

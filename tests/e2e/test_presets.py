@@ -101,18 +101,10 @@ def test_a_preset_picked_in_the_form_trains_a_tail_to_chat_with(
     tab.shot("presets-02-job-succeeded")
 
     # Chat with it in the playground: the answer streams in.
-    page.get_by_role("link", name="Chat with it in the playground").click()
-    page.wait_for_url(re.compile(r"/playground/"))
-    assert page.get_by_label("Chat with").input_value() == adapter.name
-    page.get_by_label("Temperature").fill("0")
-    page.get_by_label("Max tokens").fill("32")
+    tab.open_playground(adapter.name, max_tokens=32)
     page.get_by_label("Message", exact=True).fill("Sam has 4 bags of 6 apples. How many apples?")
     page.get_by_label("Message", exact=True).press("Enter")
-    answer = page.locator('[data-pane="0"] [data-answer]').last
-    answer.wait_for()
-    page.wait_for_function(
-        "el => el.dataset.done === 'true'", arg=answer.element_handle(), timeout=300_000
-    )
+    answer = tab.finished_answer(timeout_ms=300_000)
     assert not answer.evaluate("el => el.parentNode.classList.contains('error')")
     assert answer.inner_text().strip()
     tab.shot("presets-03-playground-tail")

@@ -21,6 +21,7 @@ from tests.factories import UserFactory
 from tests.helpers.carry_on_kit import toy_jsonl
 from tests.helpers.celery_workers import Workers
 from webapp.core.utils import data_path
+from webapp.customizations.artifacts import upload_tokens_path
 from webapp.customizations.models import Adapter, FineTuningJob
 from webapp.customizations.services.files import file_create
 from webapp.customizations.services.jobs import job_create
@@ -50,12 +51,17 @@ def test_a_stage_without_progress_longer_than_the_heartbeat_timeout_is_not_taken
     tiny_base_model: Any, workers: Callable[..., Workers]
 ) -> None:
     """Validating and tokenizing 8000 examples take longer than a 2 s heartbeat timeout and
-    report no progress: the claim is still kept fresh, and no second worker takes over."""
+    report no progress: the claim is still kept fresh, and no second worker takes over.
+
+    The tokenization stored at upload is removed first, so the stage tokenizes again (as
+    it does for a base other than the upload's) and is slow enough to need its heartbeat.
+    """
     pool = workers(CARRY_ON_HEARTBEAT_TIMEOUT="2", CARRY_ON_HEARTBEAT_INTERVAL="0.25")
     pool.start("a", "default,embed,train")
     pool.start("b", "default,embed,train")  # its sweeper would take over a silent job
     user = UserFactory()
     file = file_create(user=user, upload=SimpleUploadedFile("many.jsonl", toy_jsonl(8000)))
+    data_path(upload_tokens_path(file.path)).unlink()
     job = job_create(
         user=user, training_file=file.id, seed=0, carry_on=TINY,
         hyperparameters={"n_epochs": 1, "batch_size": 64},

@@ -11,12 +11,17 @@ import torch
 
 from customization.base_model import FrozenBase
 from customization.carry_on import CarryOn
-from customization.config import CarryOnConfig
+from customization.config import CarryOnConfig, TrainingConfig
 from customization.datasets import Example
+from customization.features import FeatureData
 from customization.tail import TailModel
-from customization.training import build_carry_on
+from customization.training import Trainable, TrainingResult, build_carry_on, train_adapter
 from tests.helpers.tiny_models import tiny_base
 
+# Two short epochs checkpointing every 2 steps: a run to stop part-way and resume.
+RESUMABLE = TrainingConfig(
+    epochs=2, batch_size=2, learning_rate=1e-2, warmup_fraction=0.25, seed=3, checkpoint_every=2
+)
 _WORDS = ("apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "comet", "maple", "ocean")
 
 
@@ -55,12 +60,7 @@ def tiny_config(**overrides: Any) -> CarryOnConfig:
 
 def new_carry_on(base: FrozenBase, config: CarryOnConfig, *, seed: int = 0) -> CarryOn:
     """A freshly initialised carry-on for ``base`` (every tap reads the primary base)."""
-    return build_carry_on(
-        config,
-        tap_sizes=[base.hidden_size] * len(config.taps),
-        hidden_size=base.hidden_size,
-        seed=seed,
-    )
+    return build_carry_on(config, width=base.hidden_size, seed=seed)
 
 
 def perturb(carry_on: CarryOn, *, seed: int, scale: float = 0.5) -> CarryOn:
@@ -114,3 +114,19 @@ def save_hf_base(base: FrozenBase, folder: Path) -> Path:
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), "utf-8")
     return folder
+
+
+def train_on_base(
+    base: FrozenBase, adapter: Trainable, data: FeatureData, config: TrainingConfig, **options: Any
+) -> TrainingResult:
+    """``train_adapter`` against ``base`` (its LM head, depth and fingerprint); ``options`` are
+    train_adapter's own keywords (``valid_data``, ``checkpoint_dir``, ``callbacks``, ...)."""
+    return train_adapter(
+        adapter,
+        data,
+        base.head_weight,
+        config,
+        num_layers=base.num_layers,
+        base_fingerprints=[base.fingerprint()],
+        **options,
+    )

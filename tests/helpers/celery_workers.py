@@ -134,6 +134,18 @@ class Workers:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
+    def succeeded(self, job: Any, *, timeout: float) -> Any:
+        """``job`` (a FineTuningJob) refreshed once it has succeeded; fails, with the
+        workers' logs, if it ends otherwise or runs out of time."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job.refresh_from_db()
+            if job.is_terminal:
+                assert job.status == "succeeded", f"{job.error}\n{self.tail()}"
+                return job
+            time.sleep(0.5)
+        raise AssertionError(f"job {job.id} is still {job.status}/{job.stage}\n{self.tail()}")
+
     def follow(self, client: Any, job_id: str, *, timeout: float, poll: float) -> list[Any]:
         """The job's events (oldest first) once it has succeeded, read through ``client`` (an
         ``openai.OpenAI``); fails, with the workers' logs, if it fails or runs out of time."""

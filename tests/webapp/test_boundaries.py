@@ -15,7 +15,7 @@ import django
 django.setup()
 import webapp.urls, webapp.customizations.admin, webapp.accounts.authentication
 import workers.tasks
-from webapp.customizations.services import files, jobs, pipeline, artifacts
+from webapp.customizations.services import files, jobs, claims, planning, results, artifacts
 from customization.datasets import parse_dataset
 parse_dataset(b'{"prompt": "a", "completion": "b"}')
 print(sorted(name for name in ("torch", "transformers") if name in sys.modules))

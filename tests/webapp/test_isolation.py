@@ -105,7 +105,7 @@ def owned(tiny_base_model: Any, make_adapter: Callable[..., Any]) -> dict[str, A
         "job": job.id,
         "adapter": adapter.name,
         "adapter_id": adapter.pk,
-        "checkpoint_model": checkpoint.model_name(adapter.name),
+        "checkpoint_model": checkpoint.model_name,
         "key_id": key.pk,
         "event": event.id,
         "checkpoint": checkpoint.id,

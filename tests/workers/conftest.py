@@ -1,33 +1,13 @@
+"""The worker tests run their eager tasks in this process, on a private data folder with one
+torch thread (tests/conftest.py)."""
+
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 
 @pytest.fixture(autouse=True)
-def _isolated_data(data_dir: Path) -> Path:
-    return data_dir
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread(settings: Any) -> Iterator[None]:
-    """Eager tasks train tiny models in this process: intra-op threads only slow them down."""
-    import torch
-
-    from workers import runtime
-
-    settings.CARRY_ON = {**settings.CARRY_ON, "TORCH_THREADS": 1}
-    previous = torch.get_num_threads()
-    runtime.warm_up()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture
-def quick_heartbeat(settings: Any) -> None:
-    """Heartbeats (and cancel checks) on every callback instead of every few seconds."""
-    settings.CARRY_ON = {**settings.CARRY_ON, "HEARTBEAT_INTERVAL": 0}
+def _eager_tasks(data_dir: Path, one_torch_thread: None) -> None:
+    """Every test here gets a fresh data folder and one torch thread."""

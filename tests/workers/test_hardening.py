@@ -3,7 +3,6 @@ checkpoint retention, per-owner feature caches, diverged training, jobs no worke
 
 from __future__ import annotations
 
-import os
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -18,24 +17,14 @@ from safetensors.torch import load_file, save_file
 
 from tests.factories import PASSWORD, FileFactory, FineTuningJobFactory, UserFactory
 from tests.helpers.carry_on_kit import toy_jsonl
+from tests.helpers.eager_jobs import TINY, run_job
 from webapp.accounts.services import api_key_create
-from webapp.core.utils import data_path, write_bytes_atomic
+from webapp.core.utils import data_path
+from webapp.customizations.artifacts import write_bytes_atomic
 from webapp.customizations.models import FineTuningJob
-from webapp.customizations.services import pipeline
-from webapp.customizations.services.jobs import job_create
+from webapp.customizations.services import claims, results
 
 pytestmark = pytest.mark.django_db
-TINY = {"d_model": 16, "n_heads": 2, "checkpoint_every": 2}
-HYPER = {"n_epochs": 2, "batch_size": 4}
-
-
-def _run(capture: Any, user: Any, file: Any, **overrides: Any) -> FineTuningJob:
-    """Create a job and let the eager tasks it enqueues on commit run to the end."""
-    options = {"hyperparameters": HYPER, "carry_on": TINY, "seed": 3, **overrides}
-    with capture(execute=True):
-        job = job_create(user=user, training_file=file.id, **options)
-    job.refresh_from_db()
-    return job
 
 
 def _api(user: Any) -> APIClient:
@@ -107,7 +96,7 @@ def test_only_the_newest_checkpoints_are_kept(
     """checkpoint_every=1 with KEEP_CHECKPOINTS=2: two records and two folders remain."""
     settings.CARRY_ON = {**settings.CARRY_ON, "KEEP_CHECKPOINTS": 2}
     user = UserFactory()
-    job = _run(
+    job = run_job(
         django_capture_on_commit_callbacks, user, FileFactory(owner=user),
         carry_on={**TINY, "checkpoint_every": 1},
     )  # fmt: skip
@@ -141,15 +130,17 @@ def test_a_job_shows_nothing_of_another_users_upload_of_the_same_data(
     """Same bytes uploaded by two users: the second user's job extracts its own features
     and its events are exactly those of a first job."""
     first_user, second_user = UserFactory(), UserFactory()
-    first = _run(django_capture_on_commit_callbacks, first_user, FileFactory(owner=first_user))
-    second = _run(django_capture_on_commit_callbacks, second_user, FileFactory(owner=second_user))
+    first = run_job(django_capture_on_commit_callbacks, first_user, FileFactory(owner=first_user))
+    second = run_job(
+        django_capture_on_commit_callbacks, second_user, FileFactory(owner=second_user)
+    )
     assert (first.status, second.status) == ("succeeded", "succeeded")
     assert second.train_features_id != first.train_features_id
     assert second.valid_features_id != first.valid_features_id
     assert not second.events.filter(data__extraction_skipped=True).exists()
     assert _normalized(second) == _normalized(first)
 
-    again = _run(django_capture_on_commit_callbacks, second_user, FileFactory(owner=second_user))
+    again = run_job(django_capture_on_commit_callbacks, second_user, FileFactory(owner=second_user))
     assert again.train_features_id == second.train_features_id  # the owner's own cache holds
     assert again.events.filter(data__extraction_skipped=True).exists()
 
@@ -175,16 +166,16 @@ def test_a_nan_loss_fails_the_job_as_training_diverged_and_its_pages_still_answe
     live endpoint answer 200; a NaN reaching the metrics is stored as null."""
     user = UserFactory()
     file = FileFactory(owner=user)
-    first = _run(django_capture_on_commit_callbacks, user, file)
+    first = run_job(django_capture_on_commit_callbacks, user, file)
     assert first.status == "succeeded", first.error
     _poison(first.train_features)
-    job = _run(django_capture_on_commit_callbacks, user, file)
+    job = run_job(django_capture_on_commit_callbacks, user, file)
     assert job.status == "failed"
     assert job.error["code"] == "training_diverged"
     assert "step 1" in job.error["message"]
     assert not job.checkpoints.exists()
 
-    pipeline.job_record_metrics(
+    results.job_record_metrics(
         job=job,
         data={"step": 1, "total_steps": 8, "train_loss": float("nan"), "valid_loss": float("inf")},
         message="Step 1/8: training loss=nan",
@@ -211,7 +202,7 @@ def test_a_worker_that_lost_its_claim_removes_only_its_own_adapter(
     from workers import tasks
 
     user = UserFactory()
-    job = _run(django_capture_on_commit_callbacks, user, FileFactory(owner=user))
+    job = run_job(django_capture_on_commit_callbacks, user, FileFactory(owner=user))
     assert job.status == "succeeded", job.error
     adapter = job.adapter
     settings.CARRY_ON = {**settings.CARRY_ON, "HEARTBEAT_INTERVAL": 3600}
@@ -238,7 +229,7 @@ def test_a_queued_job_no_worker_takes_fails_after_the_configured_sends(
         FineTuningJob.objects.filter(pk=job.pk).update(
             updated_at=timezone.now() - timedelta(minutes=2)
         )
-        return pipeline.job_sweep_unclaimed()
+        return claims.job_sweep_unclaimed()
 
     assert sweep() == [job.id]
     assert sweep() == [job.id]
@@ -255,8 +246,8 @@ def test_a_claim_resets_the_count_of_sends(tiny_base_model: Any, settings: Any) 
     settings.CARRY_ON = {**settings.CARRY_ON, "REQUEUE_AFTER": 60, "MAX_REQUEUES": 1}
     job = FineTuningJobFactory(status="queued", stage="extracting")
     FineTuningJob.objects.filter(pk=job.pk).update(updated_at=timezone.now() - timedelta(hours=1))
-    assert pipeline.job_sweep_unclaimed() == [job.id]
-    assert pipeline.job_claim(job_id=job.id, stage="extracting", worker="w") is not None
+    assert claims.job_sweep_unclaimed() == [job.id]
+    assert claims.job_claim(job_id=job.id, stage="extracting", worker="w") is not None
     job.refresh_from_db()
     assert job.requeues == 0
 
@@ -266,21 +257,13 @@ def test_a_claim_resets_the_count_of_sends(tiny_base_model: Any, settings: Any) 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name the fds")
 def test_an_upload_is_flushed_before_its_rename_and_its_folder_after(
-    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+    data_dir: Path, fsynced: list[Path]
 ) -> None:
     """write_bytes_atomic: the temporary file is on disk before the rename, the name after."""
-    synced: list[Path] = []
-    real = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
     target = data_path("files/upload.jsonl")
     write_bytes_atomic(target, toy_jsonl(2))
-    assert len(synced) == 2
-    assert synced[0].parent == target.parent
-    assert synced[0].name.endswith(".tmp")
-    assert synced[1] == target.parent
+    assert len(fsynced) == 2
+    assert fsynced[0].parent == target.parent
+    assert fsynced[0].name.endswith(".tmp")
+    assert fsynced[1] == target.parent
     assert target.read_bytes() == toy_jsonl(2)

@@ -30,17 +30,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 QUEUES = ("default", "embed", "train")
 
 
-def _wait_for(job: FineTuningJob, pool: Workers, *, timeout: float = 600) -> FineTuningJob:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job.refresh_from_db()
-        if job.is_terminal:
-            assert job.status == "succeeded", f"{job.error}\n{pool.tail()}"
-            return job
-        time.sleep(0.5)
-    raise AssertionError(f"job {job.id} is still {job.status}/{job.stage}\n{pool.tail()}")
-
-
 def _event_worker(job: FineTuningJob, prefix: str) -> str:
     event = job.events.filter(message__startswith=prefix).get()
     return str(event.data["worker"])
@@ -71,7 +60,7 @@ def test_upload_extract_train_on_separate_embed_and_train_workers(
         {"model": smollm2.name, "n_epochs": "1", "batch_size": "8", "suffix": "demo", "seed": "0"},
     )
     assert response.status_code == 302, response.content.decode()
-    job = _wait_for(FineTuningJob.objects.get(), pool)
+    job = pool.succeeded(FineTuningJob.objects.get(), timeout=600)
 
     adapter = Adapter.objects.get(job=job)
     assert adapter.name == f"ft:{smollm2.name}:{user.username}:demo:{job.id}"
@@ -90,7 +79,7 @@ def test_upload_extract_train_on_separate_embed_and_train_workers(
         hyperparameters={"n_epochs": 1, "batch_size": 8},
         seed=1,
     )
-    second = _wait_for(second, pool)
+    second = pool.succeeded(second, timeout=600)
     assert second.events.filter(data__extraction_skipped=True).exists()
     assert not second.events.filter(message__startswith="Extracting hidden states").exists()
     assert second.train_features_id == job.train_features_id
@@ -123,7 +112,7 @@ def test_training_worker_killed_mid_run_resumes_from_its_last_checkpoint(
     killed_at = job.checkpoints.order_by("-step").first().step
 
     pool.start("train", "train")
-    job = _wait_for(job, pool, timeout=300)
+    job = pool.succeeded(job, timeout=300)
     resumed = job.events.get(message__startswith="Resuming training")
     assert resumed.data["resumed_at_step"] >= killed_at
     assert job.events.filter(message__contains="stopped responding during training").exists()

@@ -6,7 +6,7 @@ from django.db.models import QuerySet
 
 from webapp.accounts.models import ApiKey, User
 from webapp.accounts.services import hash_api_key
-from webapp.core.exceptions import NotFoundError
+from webapp.core.utils import first_or_not_found
 
 
 def api_key_list(*, user: User) -> QuerySet[ApiKey]:
@@ -14,10 +14,9 @@ def api_key_list(*, user: User) -> QuerySet[ApiKey]:
 
 
 def api_key_get(*, user: User, key_id: int) -> ApiKey:
-    key = api_key_list(user=user).filter(pk=key_id).first()
-    if key is None:
-        raise NotFoundError(f"No API key with id {key_id}", param="id")
-    return key
+    return first_or_not_found(
+        api_key_list(user=user).filter(pk=key_id), f"No API key with id {key_id}", param="id"
+    )
 
 
 def api_key_authenticate(*, raw_key: str) -> ApiKey | None:

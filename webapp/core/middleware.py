@@ -9,7 +9,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.urls import Resolver404, resolve
 
-from webapp.core.api import error_response
+from webapp.core.api.errors import error_response
 from webapp.core.exceptions import ApplicationError
 from webapp.core.ratelimits import route_scope, user_rate_limit_hit
 

@@ -1,5 +1,8 @@
 """Fixed-window rate limits in the shared cache: per API key, per user, per address.
 
+``RateLimit`` is the per-key limit every /v1 call counts against (its state goes out in the
+``x-ratelimit-*`` headers); the rest are the per-user and per-address limits.
+
 A counter is one cache key per (identity, scope, window); ``cache.incr`` is atomic in Redis,
 so several web processes pointed at one CARRY_ON_CACHE_URL share every limit exactly.
 
@@ -16,6 +19,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.cache import cache
+from rest_framework.request import Request
 
 from webapp.core.exceptions import ApplicationError
 
@@ -109,3 +113,44 @@ def user_rate_limit_hit(*, user: Any, scope: str) -> None:
 
 def route_scope(url_name: str | None, method: str) -> str | None:
     return ROUTE_SCOPES.get((url_name or "", method.upper()))
+
+
+class RateLimit:
+    """A fixed one-minute window per API key (or session user), shared through the cache."""
+
+    def __init__(self, request: Request):
+        # Named by what never repeats (a key's hash, a user's join time), not by row ids,
+        # which a restored or recreated database hands out again.
+        hashed = getattr(request.auth, "hashed_key", "")
+        identity = f"key:{hashed[:24]}" if hashed else user_identity(request.user)
+        self.window = Window(identity, int(settings.CARRY_ON["RATE_LIMIT_PER_MINUTE"]))
+        self.limit = self.window.limit
+        self.reset_in = self.window.reset_in
+
+    @property
+    def count(self) -> int:
+        return self.window.count
+
+    def hit(self) -> bool:
+        """Count this request; False when it is over the limit."""
+        return self.window.hit()
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "x-ratelimit-limit-requests": str(self.limit),
+            "x-ratelimit-remaining-requests": str(max(0, self.limit - self.count)),
+            "x-ratelimit-reset-requests": f"{self.reset_in}s",
+        }
+
+
+class RateLimitExceeded(ApplicationError):
+    status = 429
+    type = "requests"
+
+    def __init__(self, limit: RateLimit):
+        super().__init__(
+            f"Rate limit reached: {limit.limit} requests per minute for this key. "
+            f"Try again in {limit.reset_in}s.",
+            code="rate_limit_exceeded",
+        )
+        self.retry_after = limit.reset_in

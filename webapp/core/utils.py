@@ -1,16 +1,19 @@
-"""Small helpers shared by the apps: public ids, atomic artifact writes, paths."""
+"""Small helpers shared by the apps: public ids, artifact paths, JSON-safe numbers, the
+one-row read of a selector."""
 
 from __future__ import annotations
 
-import os
+import math
 import secrets
-import shutil
 import string
-import tempfile
 from pathlib import Path
+from typing import Any, TypeVar
 
 from django.conf import settings
+from django.db.models import Model, QuerySet
 from django.utils.deconstruct import deconstructible
+
+from webapp.core.exceptions import NotFoundError
 
 _ALPHABET = string.ascii_letters + string.digits
 PUBLIC_ID_LENGTH = 24
@@ -48,41 +51,32 @@ def data_path(relative: str) -> Path:
 
 
 def relative_data_path(path: Path) -> str:
+    """An absolute artifact path under DATA_DIR as the database stores it (relative)."""
     return str(Path(path).resolve().relative_to(Path(settings.DATA_DIR).resolve()))
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp sibling, fsync, rename, fsync the folder: readers never see a partial
-    file, and after a crash the name points at the old content or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinity replaced by None.
+
+    JSON has no NaN: PostgreSQL refuses the whole row, and a reader (the loss curve)
+    would have to guard every number. A diverged run is reported by its error instead.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(item) for item in value]
+    return value
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make the names in ``folder`` durable (a rename is not, until its directory is)."""
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+RowT = TypeVar("RowT", bound=Model)
 
 
-def remove_artifact(relative: str) -> None:
-    """Delete a file or folder under DATA_DIR; a missing one is fine (idempotent)."""
-    if not relative:
-        return
-    path = data_path(relative)
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+def first_or_not_found(rows: QuerySet[RowT], message: str, *, param: str) -> RowT:
+    """The first of ``rows`` (a selector's query, already filtered by its user); none is a
+    ``NotFoundError``, so another user's row answers exactly as a missing one."""
+    row = rows.first()
+    if row is None:
+        raise NotFoundError(message, param=param)
+    return row

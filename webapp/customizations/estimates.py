@@ -1,16 +1,16 @@
 """A rough time estimate for a fine-tuning job, shown on the new-job page (labelled so).
 
-The model follows where the time goes (DESIGN §1 "Where the cost is"):
+The model follows where the time goes (docs/architecture.md, "Where the cost is"):
 
 - extraction runs the frozen base once over every token: cost ∝ tokens × layers × D²;
 - each training epoch is dominated by the frozen LM head at the loss positions, forward
   and the gradient to its input (2 × D × V multiply-adds per loss token), plus the carry-on
   body (about 12 × d² per block per token, times 3 for forward and backward) and its
   projections in and out (2 × D × d, times 3);
-- a tail (DESIGN §1b) instead re-runs the base's top ``depth`` layers over every token,
-  forward and the gradient to their input (LoRA-class: the frozen weights need no weight
-  gradient and the low-rank factors are small), so 2 × depth × one full-width layer's
-  multiply-adds per token, plus the same LM head at the loss positions;
+- a tail (docs/architecture.md, "The tail") instead re-runs the base's top ``depth`` layers
+  over every token, forward and the gradient to their input (LoRA-class: the frozen weights
+  need no weight gradient and the low-rank factors are small), so 2 × depth × one full-width
+  layer's multiply-adds per token, plus the same LM head at the loss positions;
 - a fixed overhead: queueing, loading the base, writing the artifact.
 
 The rates were measured on this project's reference machine (2 CPU cores, the torch CPU
@@ -28,14 +28,14 @@ from typing import Any
 
 from customization.presets import PRESETS
 from webapp.customizations.models import BaseModel, File
-from webapp.customizations.services.jobs import (
+from webapp.customizations.options import (
     AUTO_HYPERPARAMETERS,
-    CARRY_ON_DEFAULTS,
-    TAIL_DEFAULTS,
+    CARRY_ON,
+    TAIL,
     base_linear_shapes,
     base_num_layers,
 )
-from webapp.customizations.services.pipeline import VALID_FRACTION
+from webapp.customizations.services.planning import VALID_FRACTION
 
 # From the measurement above (wall seconds = CPU seconds / 2 threads):
 # extraction 5,694 tokens × 30 layers × 576² / 36.5 s ≈ 1.6e9 "layer units" per second;
@@ -134,7 +134,7 @@ def file_job_estimate(
     loss_tokens = file.report.get("n_loss_tokens")
     if kind == "tail":
         layers = base_num_layers(base)
-        depth = depth or int(TAIL_DEFAULTS["depth"])
+        depth = depth or int(TAIL.defaults["depth"])
         return tail_job_estimate(
             n_tokens=file.n_tokens,
             n_loss_tokens=loss_tokens if isinstance(loss_tokens, int) else None,
@@ -148,8 +148,8 @@ def file_job_estimate(
         n_loss_tokens=loss_tokens if isinstance(loss_tokens, int) else None,
         fingerprint=base.fingerprint or {},
         epochs=epochs or int(AUTO_HYPERPARAMETERS["n_epochs"]),
-        d_model=d_model or int(CARRY_ON_DEFAULTS["d_model"]),
-        n_blocks=n_blocks or int(CARRY_ON_DEFAULTS["n_blocks"]),
+        d_model=d_model or int(CARRY_ON.defaults["d_model"]),
+        n_blocks=n_blocks or int(CARRY_ON.defaults["n_blocks"]),
     )
 
 

@@ -2,28 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from django import forms
 
-from customization.presets import DEFAULT_PRESET, PRESETS, base_learning_rate
+from customization.presets import ADAPTER_KINDS, DEFAULT_PRESET, PRESETS, base_learning_rate
 from webapp.accounts.models import User
 from webapp.customizations.models import Adapter, BaseModel, File
+from webapp.customizations.options import (
+    AUTO_HYPERPARAMETERS,
+    CARRY_ON,
+    HYPERPARAMETER_RANGES,
+    TAIL,
+    Option,
+    options_of,
+    resolve_default_taps,
+)
 from webapp.customizations.selectors import (
     adapter_list,
     base_model_default,
     base_model_list,
     file_list,
 )
-from webapp.customizations.services.jobs import (
-    AUTO_HYPERPARAMETERS,
-    CARRY_ON_DEFAULTS,
-    HYPERPARAMETER_RANGES,
-    MIN_TRAINING_EXAMPLES,
-    TAIL_DEFAULTS,
-    resolve_default_taps,
-)
-from webapp.customizations.services.pipeline import MAX_VALID_EXAMPLES, VALID_FRACTION
+from webapp.customizations.services.jobs import MIN_TRAINING_EXAMPLES
+from webapp.customizations.services.planning import MAX_VALID_EXAMPLES, VALID_FRACTION
 
 RANGES = HYPERPARAMETER_RANGES
 # Carry-on widths offered in the form (the API takes any valid width).
@@ -37,8 +40,44 @@ KIND_CHOICES = (
     ("carry_on", "carry-on: a small branch reading cached states"),
     ("tail", "tail: LoRA on the base's top layers"),
 )
-# What each kind's fields are called in the form (the service names them carry_on.*, tail.*).
-KIND_FIELDS = {"carry_on": ("d_model", "n_blocks", "taps"), "tail": ("depth", "rank")}
+# tap_mode always has a value (its initial), so it is never "set for the other kind".
+_ALWAYS_SET = ("tap_mode",)
+
+
+def kind_fields(kind: str) -> tuple[str, ...]:
+    """The form's fields for a kind's options (the service names them carry_on.*, tail.*)."""
+    options = options_of(kind).options
+    return tuple(n for n, o in options.items() if o.form and n not in _ALWAYS_SET)
+
+
+def option_form_field(option: Option) -> forms.Field:
+    """A form field for an option the form does not declare by hand (empty: the default)."""
+    arguments: dict[str, Any] = {
+        "required": False,
+        "label": option.name.replace("_", " ").capitalize(),
+        "help_text": option.help,
+    }
+    if option.low is not None and option.types != (str,):
+        arguments["min_value"] = option.low
+    if option.high is not None and option.types != (str,):
+        arguments["max_value"] = option.high
+    if isinstance(option.form, Mapping):
+        arguments.update(option.form)
+    if option.types == (int,):
+        return forms.IntegerField(**arguments)
+    if option.types == (int, float):
+        return forms.FloatField(**arguments)
+    return forms.CharField(**arguments)
+
+
+def add_option_fields(form: forms.Form) -> None:
+    """Add a field for every form option of either kind that the form does not declare."""
+    for kind in ADAPTER_KINDS:
+        for name, option in options_of(kind).options.items():
+            if option.form and name not in form.fields:
+                form.fields[name] = option_form_field(option)
+
+
 TAP_MODES = (
     ("mix", "mix: learned weighted sum of the taps at the input"),
     ("ladder", "ladder: each block adds its own tap (Ladder Side-Tuning)"),
@@ -167,6 +206,7 @@ class JobCreateForm(forms.Form):
         self.fields["validation_file"].choices = [("", f"— hold out {held_out_text()} —")] + [
             (f.id, _file_label(f)) for f in others
         ]
+        add_option_fields(self)
         self._placeholders()
         self._help_texts()
 
@@ -180,9 +220,11 @@ class JobCreateForm(forms.Form):
     )
 
     def fieldsets(self) -> list[tuple[str, list[forms.BoundField], str]]:
-        return [
-            (legend, [self[name] for name in names], kind) for legend, names, kind in self.FIELDSETS
-        ]
+        rows = []
+        for legend, names, kind in self.FIELDSETS:
+            extra = tuple(n for n in kind_fields(kind) if n not in names) if kind else ()
+            rows.append((legend, [self[name] for name in (*names, *extra)], kind))
+        return rows
 
     def custom_fields(self) -> list[forms.BoundField]:
         """Shown under the presets: what Custom adds (the kind)."""
@@ -204,18 +246,18 @@ class JobCreateForm(forms.Form):
         self.fields["learning_rate_multiplier"].widget.attrs.update(
             placeholder=f"auto ({auto['learning_rate_multiplier']})", step="any"
         )
-        default_width = CARRY_ON_DEFAULTS["d_model"]
+        default_width = CARRY_ON.defaults["d_model"]
         self.fields["d_model"].choices = [("", f"default ({default_width})")] + [
             (str(width), str(width)) for width in D_MODEL_CHOICES
         ]
         self.fields["n_blocks"].widget.attrs["placeholder"] = (
-            f"default ({CARRY_ON_DEFAULTS['n_blocks']})"
+            f"default ({CARRY_ON.defaults['n_blocks']})"
         )
-        self.fields["depth"].widget.attrs["placeholder"] = f"default ({TAIL_DEFAULTS['depth']})"
-        self.fields["rank"].widget.attrs["placeholder"] = f"default ({TAIL_DEFAULTS['rank']})"
+        self.fields["depth"].widget.attrs["placeholder"] = f"default ({TAIL.defaults['depth']})"
+        self.fields["rank"].widget.attrs["placeholder"] = f"default ({TAIL.defaults['rank']})"
         default_taps = ",".join(str(t) for t in resolve_default_taps(None))
         self.fields["taps"].widget.attrs["placeholder"] = f"default ladder ({default_taps})"
-        self.fields["tap_mode"].initial = CARRY_ON_DEFAULTS["tap_mode"]
+        self.fields["tap_mode"].initial = CARRY_ON.defaults["tap_mode"]
         self.fields["seed"].widget.attrs["placeholder"] = "random"
 
     def _help_texts(self) -> None:
@@ -260,7 +302,7 @@ class JobCreateForm(forms.Form):
         if depth and layers and depth > layers:
             self.add_error("depth", f"{base} has {layers} layers; the depth is at most {layers}.")
         if self.continues() is not None:
-            for name in (*KIND_FIELDS["carry_on"], *KIND_FIELDS["tail"]):
+            for name in (*kind_fields("carry_on"), *kind_fields("tail")):
                 if cleaned.get(name):
                     self.add_error(
                         name,
@@ -268,7 +310,8 @@ class JobCreateForm(forms.Form):
                     )
             return cleaned
         kind = self.adapter_kind()
-        for other, names in KIND_FIELDS.items():
+        for other in ADAPTER_KINDS:
+            names = kind_fields(other)
             for name in names:
                 if other != kind and cleaned.get(name):
                     self.add_error(
@@ -308,7 +351,7 @@ class JobCreateForm(forms.Form):
         """A tail's options the user set (None for a carry-on); the service fills the rest."""
         if self.adapter_kind() != "tail" or self.continues() is not None:
             return None
-        names = KIND_FIELDS["tail"]
+        names = kind_fields("tail")
         return {name: self.cleaned_data[name] for name in names if self.cleaned_data.get(name)}
 
     def carry_on(self) -> dict[str, Any] | None:
@@ -316,7 +359,7 @@ class JobCreateForm(forms.Form):
         if self.adapter_kind() != "carry_on" or self.continues() is not None:
             return None
         options: dict[str, Any] = {}
-        for name in ("d_model", "n_blocks", "taps"):
+        for name in kind_fields("carry_on"):
             if self.cleaned_data.get(name):
                 options[name] = self.cleaned_data[name]
         taps = options.get("taps") or resolve_default_taps(None)
@@ -387,6 +430,17 @@ class EstimateQuery(forms.Form):
     preset = forms.CharField(max_length=16, required=False)
     kind = forms.ChoiceField(choices=KIND_CHOICES, required=False)
     depth = forms.IntegerField(min_value=1, max_value=1024, required=False)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        add_option_fields(self)
+
+    def options(self) -> dict[str, Any]:
+        """The adapter options given beyond the declared ones (for the estimate)."""
+        declared = set(type(self).base_fields)
+        return {
+            n: v for n, v in self.cleaned_data.items() if n not in declared and v not in (None, "")
+        }
 
     def adapter_kind(self) -> tuple[str, int | None]:
         """The kind and the tail depth asked for (a preset's, or Custom's fields)."""

@@ -132,8 +132,9 @@ class FineTuningJob(ClaimedModel):
         File, on_delete=models.SET_NULL, null=True, blank=True, related_name="validation_jobs"
     )
     hyperparameters = models.JSONField(default=dict, blank=True)
-    # The adapter kind (DESIGN §1b) and its shape: ``carry_on`` holds a carry-on's config,
-    # ``tail`` a tail's (depth, rank, ...); ``preset`` names the preset it came from.
+    # The adapter kind (docs/architecture.md, "Two adapter kinds") and its shape: ``carry_on``
+    # holds a carry-on's config, ``tail`` a tail's (depth, rank, ...); ``preset`` names the
+    # preset it came from.
     kind = models.CharField(max_length=16, default="carry_on")
     preset = models.CharField(max_length=16, blank=True)
     carry_on = models.JSONField(default=dict, blank=True)
@@ -175,6 +176,12 @@ class FineTuningJob(ClaimedModel):
     def fine_tuned_model(self) -> str | None:
         adapter = getattr(self, "adapter", None)
         return adapter.name if adapter is not None else None
+
+    @property
+    def model_name(self) -> str:
+        """``ft:<base>:<owner>:<suffix>:<job id>``, the name of the adapter the job trains."""
+        owner = "".join(c if c.isalnum() or c in "-_." else "-" for c in self.owner.username)[:40]
+        return f"ft:{self.base.name}:{owner}:{self.suffix}:{self.id}"
 
 
 class JobEvent(models.Model):
@@ -227,8 +234,10 @@ class Checkpoint(models.Model):
     def __str__(self) -> str:
         return f"{self.job_id} step {self.step}"
 
-    def model_name(self, adapter_name: str) -> str:
-        return f"{adapter_name}:ckpt-step-{self.step}"
+    @property
+    def model_name(self) -> str:
+        """``<the job's model name>:ckpt-step-N``, the name it is served under."""
+        return f"{self.job.model_name}:ckpt-step-{self.step}"
 
 
 class Adapter(TimeStampedModel):

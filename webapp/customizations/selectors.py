@@ -5,8 +5,10 @@ Another user's id is indistinguishable from a missing one: both raise ``NotFound
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from django.core.cache import cache
@@ -15,6 +17,7 @@ from django.utils import timezone
 
 from webapp.accounts.models import User
 from webapp.core.exceptions import ApplicationError, NotFoundError
+from webapp.core.utils import data_path, first_or_not_found
 from webapp.customizations.models import (
     Adapter,
     BaseModel,
@@ -23,7 +26,6 @@ from webapp.customizations.models import (
     FineTuningJob,
     JobEvent,
 )
-from webapp.customizations.services.jobs import job_model_name
 
 
 def base_model_list(*, enabled_only: bool = True) -> QuerySet[BaseModel]:
@@ -40,10 +42,9 @@ def file_list(*, user: User) -> QuerySet[File]:
 
 
 def file_get(*, user: User, file_id: str) -> File:
-    file = file_list(user=user).filter(pk=file_id).first()
-    if file is None:
-        raise NotFoundError(f"No such File object: {file_id}", param="id")
-    return file
+    return first_or_not_found(
+        file_list(user=user).filter(pk=file_id), f"No such File object: {file_id}", param="id"
+    )
 
 
 def job_list(*, user: User, filters: dict[str, Any] | None = None) -> QuerySet[FineTuningJob]:
@@ -54,10 +55,11 @@ def job_list(*, user: User, filters: dict[str, Any] | None = None) -> QuerySet[F
 
 
 def job_get(*, user: User, job_id: str) -> FineTuningJob:
-    job = job_list(user=user).filter(pk=job_id).first()
-    if job is None:
-        raise NotFoundError(f"Job with id {job_id} not found", param="fine_tuning_job_id")
-    return job
+    return first_or_not_found(
+        job_list(user=user).filter(pk=job_id),
+        f"Job with id {job_id} not found",
+        param="fine_tuning_job_id",
+    )
 
 
 def job_event_list(*, user: User, job_id: str) -> QuerySet[JobEvent]:
@@ -65,10 +67,11 @@ def job_event_list(*, user: User, job_id: str) -> QuerySet[JobEvent]:
 
 
 def job_event_get(*, user: User, event_id: str) -> JobEvent:
-    event = JobEvent.objects.filter(pk=event_id, job__owner=user).first()
-    if event is None:
-        raise NotFoundError(f"No such event: {event_id}", param="id")
-    return event
+    return first_or_not_found(
+        JobEvent.objects.filter(pk=event_id, job__owner=user),
+        f"No such event: {event_id}",
+        param="id",
+    )
 
 
 @dataclass(frozen=True)
@@ -140,10 +143,11 @@ def checkpoint_list(*, user: User, job_id: str) -> QuerySet[Checkpoint]:
 
 
 def checkpoint_get(*, user: User, checkpoint_id: str) -> Checkpoint:
-    checkpoint = Checkpoint.objects.filter(pk=checkpoint_id, job__owner=user).first()
-    if checkpoint is None:
-        raise NotFoundError(f"No such checkpoint: {checkpoint_id}", param="id")
-    return checkpoint
+    return first_or_not_found(
+        Checkpoint.objects.filter(pk=checkpoint_id, job__owner=user),
+        f"No such checkpoint: {checkpoint_id}",
+        param="id",
+    )
 
 
 def adapter_list(*, user: User, active_only: bool = False) -> QuerySet[Adapter]:
@@ -154,10 +158,11 @@ def adapter_list(*, user: User, active_only: bool = False) -> QuerySet[Adapter]:
 
 
 def adapter_get(*, user: User, name: str) -> Adapter:
-    adapter = adapter_list(user=user).filter(name=name).first()
-    if adapter is None:
-        raise NotFoundError(f"The model '{name}' does not exist", param="model")
-    return adapter
+    return first_or_not_found(
+        adapter_list(user=user).filter(name=name),
+        f"The model '{name}' does not exist",
+        param="model",
+    )
 
 
 @dataclass(frozen=True)
@@ -200,7 +205,7 @@ def model_resolve(*, user: User, name: str) -> ServableModel:
         if (
             checkpoint is not None
             and checkpoint.job.base.enabled
-            and job_model_name(checkpoint.job) == match["model"]
+            and checkpoint.job.model_name == match["model"]
         ):
             return ServableModel(
                 name=name, base=checkpoint.job.base, adapter_id=checkpoint.pk,
@@ -212,10 +217,11 @@ def model_resolve(*, user: User, name: str) -> ServableModel:
 
 
 def adapter_get_by_id(*, user: User, adapter_id: int) -> Adapter:
-    adapter = adapter_list(user=user).filter(pk=adapter_id).first()
-    if adapter is None:
-        raise NotFoundError(f"No adapter with id {adapter_id}", param="id")
-    return adapter
+    return first_or_not_found(
+        adapter_list(user=user).filter(pk=adapter_id),
+        f"No adapter with id {adapter_id}",
+        param="id",
+    )
 
 
 # -- what the browser pages show ------------------------------------------------------------
@@ -301,8 +307,6 @@ def file_preview(*, file: File, limit: int = PREVIEW_EXAMPLES) -> list[dict[str,
     Each item: ``line``, ``messages`` and ``rendered`` (None when no base is registered).
     """
     from customization.datasets import parse_dataset
-    from webapp.customizations.services.base_models import base_tokenizer
-    from webapp.customizations.services.files import file_open
 
     try:
         head = _file_head(file_open(file=file))
@@ -372,7 +376,7 @@ def playground_models(*, user: User) -> PlaygroundModels:
         owner = adapter.display_name if adapter is not None else job.suffix or job.id
         checkpoints.append(
             PlaygroundCheckpoint(
-                name=checkpoint.model_name(job_model_name(job)),
+                name=checkpoint.model_name,
                 label=f"{owner} · step {checkpoint.step}",
                 base_name=job.base.name,
             )
@@ -380,3 +384,54 @@ def playground_models(*, user: User) -> PlaygroundModels:
     return PlaygroundModels(
         bases=list(base_model_list()), adapters=list(adapters), checkpoints=checkpoints
     )
+
+
+# -- stored content ------------------------------------------------------------------------
+
+
+def file_open(*, file: File) -> BinaryIO:
+    """The stored content, open for reading: for streaming it or reading its head."""
+    try:
+        return data_path(file.path).open("rb")
+    except (FileNotFoundError, ValueError):
+        raise _missing(file) from None
+
+
+def _missing(file: File) -> ApplicationError:
+    return ApplicationError(
+        f"the content of {file.id} is missing from storage",
+        code="file_missing",
+        status=500,
+        type="server_error",
+    )
+
+
+def file_read(*, file: File) -> bytes:
+    """The stored content, whole."""
+    try:
+        return data_path(file.path).read_bytes()
+    except (FileNotFoundError, ValueError):
+        raise _missing(file) from None
+
+
+def base_tokenizer(base: BaseModel) -> Any:
+    """The base's ChatTokenizer (torch-free), cached per process until its files change."""
+    tokenizer_file = Path(base.path) / "tokenizer.json"
+    try:
+        stamp = tokenizer_file.stat().st_mtime_ns
+    except FileNotFoundError:
+        raise ApplicationError(
+            f"the files of base model {base.name!r} are missing at {base.path}",
+            param="model",
+            code="base_model_not_found",
+            status=500,
+            type="server_error",
+        ) from None
+    return _load_tokenizer(str(base.path), stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(path: str, _stamp: int) -> Any:
+    from customization.tokenizer import ChatTokenizer
+
+    return ChatTokenizer.from_dir(path)

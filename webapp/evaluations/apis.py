@@ -14,17 +14,11 @@ from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from webapp.core.api import (
-    ERRORS,
-    LIST_PARAMETERS,
-    ApiView,
-    ErrorSerializer,
-    error_object,
-    list_of,
-    paginate,
-    refuse_unknown_fields,
-    unix,
-)
+from webapp.core.api.errors import ERRORS, ErrorSerializer
+from webapp.core.api.objects import error_object, unix
+from webapp.core.api.pagination import LIST_PARAMETERS, list_of, paginate
+from webapp.core.api.parsing import refuse_unknown_fields
+from webapp.core.api.views import ApiView
 from webapp.evaluations import selectors
 from webapp.evaluations.models import Evaluation, EvaluationResult
 from webapp.evaluations.services import evaluation_cancel, evaluation_create

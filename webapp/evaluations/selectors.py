@@ -8,10 +8,9 @@ from typing import Any
 from django.db.models import Prefetch, QuerySet
 
 from webapp.accounts.models import User
-from webapp.core.exceptions import NotFoundError
+from webapp.core.utils import first_or_not_found
 from webapp.customizations import selectors as customizations
 from webapp.customizations.models import Adapter, BaseModel, Checkpoint, File
-from webapp.customizations.services.jobs import job_model_name
 from webapp.evaluations.models import Evaluation, EvaluationResult
 
 _RESULTS = Prefetch("results", queryset=EvaluationResult.objects.order_by("position"))
@@ -23,10 +22,11 @@ def evaluation_list(*, user: User) -> QuerySet[Evaluation]:
 
 
 def evaluation_get(*, user: User, evaluation_id: str) -> Evaluation:
-    evaluation = evaluation_list(user=user).filter(pk=evaluation_id).first()
-    if evaluation is None:
-        raise NotFoundError(f"No evaluation with id {evaluation_id}", param="evaluation_id")
-    return evaluation
+    return first_or_not_found(
+        evaluation_list(user=user).filter(pk=evaluation_id),
+        f"No evaluation with id {evaluation_id}",
+        param="evaluation_id",
+    )
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def evaluable_models(*, user: User) -> EvaluableModels:
     return EvaluableModels(
         bases=list(customizations.base_model_list()),
         adapters=adapters,
-        checkpoints=[(c.model_name(job_model_name(c.job)), c) for c in checkpoints[:200]],
+        checkpoints=[(c.model_name, c) for c in checkpoints[:200]],
     )
 
 

@@ -24,6 +24,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from webapp.accounts.models import User
+from webapp.celery import task_send
 from webapp.core.exceptions import (
     ApplicationError,
     ConflictError,
@@ -31,11 +32,11 @@ from webapp.core.exceptions import (
     ServiceUnavailableError,
 )
 from webapp.core.models import status_update
+from webapp.core.utils import finite_json
 from webapp.customizations import selectors as customizations
 from webapp.customizations.models import Adapter, BaseModel, Checkpoint, File
 from webapp.customizations.quotas import quota_check_active
-from webapp.customizations.services.files import file_read
-from webapp.customizations.services.pipeline import finite_json
+from webapp.customizations.selectors import file_read
 from webapp.evaluations.models import Evaluation, EvaluationResult
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ DEFAULT_EXACT_MATCH = 16
 MIN_MAX_LENGTH = 8
 # What a stored answer keeps of a long generation (the page shows a few lines of it).
 SAMPLE_CHARS = 4000
+RUN_EVALUATION = "workers.tasks.run_evaluation"
 
 
 # -- creation ---------------------------------------------------------------------------------
@@ -240,10 +242,8 @@ def _quota_check_active(user: User) -> None:
 def _send_or_withdraw(evaluation_id: str) -> None:
     from kombu.exceptions import OperationalError as BrokerError
 
-    from workers import tasks  # torch-free at import; the route picks the embed queue
-
     try:
-        tasks.run_evaluation.apply_async(args=[evaluation_id])
+        task_send(RUN_EVALUATION, args=[evaluation_id])  # the route picks the embed queue
     except (BrokerError, OSError) as exc:
         logger.warning("could not send evaluation %s to the broker: %s", evaluation_id, exc)
         # Untouched by any worker (none got a message): take it back.
@@ -341,10 +341,8 @@ def _send_quietly(evaluation_id: str) -> None:
     """A send the broker refuses is logged; a sweep after the next timeout tries again."""
     from kombu.exceptions import OperationalError as BrokerError
 
-    from workers import tasks
-
     try:
-        tasks.run_evaluation.apply_async(args=[evaluation_id])
+        task_send(RUN_EVALUATION, args=[evaluation_id])
     except (BrokerError, OSError) as exc:
         logger.warning("could not send evaluation %s again: %s", evaluation_id, exc)
 

@@ -76,7 +76,7 @@ class CeleryQueueCollector:
     def collect(self) -> Iterator[Metric]:
         from kombu.exceptions import ChannelError
 
-        from workers.celery_app import app
+        from webapp.celery import app
 
         depth = GaugeMetricFamily(
             "carry_on_celery_queue_depth",

@@ -19,7 +19,8 @@ from rest_framework.response import Response
 
 from customization.config import MAX_STOP_CHARS
 from webapp.accounts.models import ApiKey
-from webapp.core.api import ApiView, ErrorSerializer, error_body
+from webapp.core.api.errors import ErrorSerializer, error_body
+from webapp.core.api.views import ApiView
 from webapp.serving.services import ChatRequest, SubmittedChat, chat_completion_submit
 
 ROLES = ("system", "developer", "user", "assistant")

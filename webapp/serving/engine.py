@@ -1,7 +1,7 @@
 """The process's one serving engine (customization.serving), created on first use.
 
 Bases are looked up by name in the database and loaded once per process through
-``webapp.serving.runtime.load_base``; carry-ons are cached by (adapter id, sha256).
+``webapp.core.runtime.load_base``; carry-ons are cached by (adapter id, sha256).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 
 from django.conf import settings
 
+from webapp.core.runtime import load_base, warm_up
 from webapp.customizations.models import BaseModel
-from webapp.serving.runtime import load_base, warm_up
 
 _engine: Any = None
 _sampler: Any = None

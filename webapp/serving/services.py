@@ -122,12 +122,9 @@ class HeldCompletion:
 
     def result(self, timeout: float = 300.0) -> list[tuple[str, str]]:
         """(text, finish_reason) per choice, waiting for the end."""
-        texts, reasons = [""] * self._completion.n, [""] * self._completion.n
-        for event in self.events(timeout):
-            texts[event.index] += event.text
-            if event.finish_reason is not None:
-                reasons[event.index] = event.finish_reason
-        return list(zip(texts, reasons, strict=True))
+        from customization.serving import collect_choices
+
+        return collect_choices(self.events(timeout), self._completion.n)
 
     def cancel(self) -> None:
         self._completion.cancel()

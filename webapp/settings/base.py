@@ -291,7 +291,7 @@ CARRY_ON["METRICS_SAMPLE_SECONDS"] = float(os.environ.get("CARRY_ON_METRICS_SAMP
 REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "EXCEPTION_HANDLER": "webapp.core.api.exception_handler",
+    "EXCEPTION_HANDLER": "webapp.core.api.errors.exception_handler",
     "UNAUTHENTICATED_USER": None,
 }
 # Rate-limit counters: per process by default; point CARRY_ON_CACHE_URL at Redis so that

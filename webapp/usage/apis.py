@@ -9,7 +9,10 @@ from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from webapp.core.api import LIST_PARAMETERS, ApiView, ErrorSerializer, list_of, paginate, unix
+from webapp.core.api.errors import ErrorSerializer
+from webapp.core.api.objects import unix
+from webapp.core.api.pagination import LIST_PARAMETERS, list_of, paginate
+from webapp.core.api.views import ApiView
 from webapp.usage.models import UsageRecord
 from webapp.usage.selectors import usage_list
 

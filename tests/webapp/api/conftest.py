@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from rest_framework.test import APIClient
 
-from tests.factories import UserFactory
+from tests.factories import UserFactory, folder_base
 from webapp.accounts.services import api_key_create
 
 
@@ -23,18 +23,8 @@ def lively_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def lively_base_model(db: None, lively_base_dir: Path) -> Any:
-    from customization.base_model import load_base_model
-    from webapp.customizations.services.base_models import base_model_register
-
-    fingerprint = load_base_model(lively_base_dir, name="lively").fingerprint().to_dict()
-    return base_model_register(
-        name="lively",
-        source=str(lively_base_dir),
-        source_type="folder",
-        path=lively_base_dir,
-        fingerprint=fingerprint,
-        default=True,
-    )
+    """The lively base registered as the default BaseModel."""
+    return folder_base(lively_base_dir, "lively")
 
 
 @pytest.fixture(autouse=True)

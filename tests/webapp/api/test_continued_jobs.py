@@ -26,10 +26,7 @@ from tests.helpers.carry_on_kit import toy_jsonl
 from tests.helpers.celery_workers import Workers
 from tests.webapp.api.conftest import create_job, openai_client
 from webapp.customizations.models import Adapter, FineTuningJob
-from webapp.customizations.services.jobs import (
-    MIN_TRAINING_EXAMPLES,
-    job_model_name,
-)
+from webapp.customizations.services.jobs import MIN_TRAINING_EXAMPLES
 
 
 @pytest.mark.django_db
@@ -125,9 +122,7 @@ def test_a_checkpoint_or_an_adapter_without_its_job_cannot_be_continued(
     parent = AdapterFactory(job=FineTuningJobFactory(owner=user, status="succeeded"))
     checkpoint = CheckpointFactory(job=parent.job, step=3)
     file = FileFactory(owner=user)
-    response = create_job(
-        api, model=checkpoint.model_name(job_model_name(parent.job)), training_file=file.id
-    )
+    response = create_job(api, model=checkpoint.model_name, training_file=file.id)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "model"
     assert "checkpoint" in response.json()["error"]["message"]

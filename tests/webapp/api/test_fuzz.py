@@ -93,7 +93,7 @@ def fuzz_world(
         "authorization": f"Bearer {raw}",
         "file": [FileFactory(owner=user, content=toy_jsonl(4)).id, job.training_file_id],
         "job": [job.id, adapter.job_id],
-        "model": ["lively", adapter.name, checkpoint.model_name(adapter.name)],
+        "model": ["lively", adapter.name, checkpoint.model_name],
         "evaluation": [evaluation.id],
     }
     app.conf.update(saved)

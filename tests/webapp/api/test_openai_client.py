@@ -213,4 +213,7 @@ def test_concurrent_streams_on_two_adapters_share_the_base_forward(
     assert texts == alone
     assert rows > steps, (rows, steps)  # some base forwards served both requests
     forwards = after["base_forwards"] - before["base_forwards"]
-    assert forwards == steps + 2  # one prefill each, then shared decode steps
+    prefills = after["prefill_forwards"] - before["prefill_forwards"]
+    # One prefill forward each, or one for both when they arrive together; then shared steps.
+    assert prefills in (1, 2), prefills
+    assert forwards == steps + prefills

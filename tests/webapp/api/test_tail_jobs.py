@@ -17,7 +17,7 @@ import pytest
 from tests.factories import AdapterFactory, FileFactory, FineTuningJobFactory, UserFactory
 from tests.helpers.celery_workers import Workers
 from tests.webapp.api.conftest import create_job, openai_client
-from webapp.customizations.services.jobs import TAIL_DEFAULTS
+from webapp.customizations.options import TAIL
 
 
 @pytest.mark.django_db
@@ -30,7 +30,7 @@ def test_a_preset_job_object_carries_kind_preset_and_tail(
     assert response.status_code == 200, response.json()
     job = response.json()
     assert (job["kind"], job["preset"], job["carry_on"]) == ("tail", "balanced", {})
-    assert job["tail"] == {**TAIL_DEFAULTS, "depth": 2}  # the two-layer base holds 2
+    assert job["tail"] == {**TAIL.defaults, "depth": 2}  # the two-layer base holds 2
     fetched = api.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
     assert (fetched["kind"], fetched["tail"]["depth"]) == ("tail", 2)
     plain = create_job(api, model="lively", training_file=file.id).json()

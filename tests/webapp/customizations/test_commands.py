@@ -14,7 +14,8 @@ from django.core.management import call_command
 from tests.factories import AdapterFactory, FineTuningJobFactory
 from webapp.accounts.models import User
 from webapp.accounts.selectors import api_key_authenticate
-from webapp.core.utils import data_path, write_bytes_atomic
+from webapp.core.utils import data_path
+from webapp.customizations.artifacts import write_bytes_atomic
 from webapp.customizations.models import BaseModel
 
 pytestmark = pytest.mark.django_db

@@ -21,8 +21,8 @@ from tests.factories import (
 )
 from tests.helpers.carry_on_kit import toy_jsonl
 from webapp.customizations.models import FineTuningJob
-from webapp.customizations.services.jobs import MIN_TRAINING_EXAMPLES, job_model_name
-from webapp.customizations.services.pipeline import MAX_VALID_EXAMPLES, VALID_FRACTION
+from webapp.customizations.services.jobs import MIN_TRAINING_EXAMPLES
+from webapp.customizations.services.planning import MAX_VALID_EXAMPLES, VALID_FRACTION
 
 pytestmark = pytest.mark.django_db
 
@@ -85,8 +85,8 @@ def test_playground_lists_checkpoints_by_their_served_names(tiny_base_model: Any
     CheckpointFactory(job=FineTuningJobFactory(status="running"), step=9)  # a stranger's
     page = signed_in(user).get("/playground/").content.decode()
     assert 'label="Your checkpoints"' in page
-    assert f'value="{done.model_name(adapter.name)}"' in page
-    assert f'value="{mid.model_name(job_model_name(running))}"' in page
+    assert f'value="{done.model_name}"' in page
+    assert f'value="{mid.model_name}"' in page
     assert "live · step 2" in page
     assert "step 9" not in page
 
@@ -158,7 +158,7 @@ def test_the_api_schema_states_the_defaults_and_ranges_the_service_uses(
 ) -> None:
     """The job hyperparameters' descriptions in /v1/openapi.json come from the service's
     tables and the core's learning rates."""
-    from webapp.customizations.services.jobs import AUTO_HYPERPARAMETERS, HYPERPARAMETER_RANGES
+    from webapp.customizations.options import AUTO_HYPERPARAMETERS, HYPERPARAMETER_RANGES
 
     schema = Client().get("/v1/openapi.json").content.decode()
     for name in ("n_epochs", "batch_size"):

@@ -12,7 +12,11 @@ from tests.helpers.carry_on_kit import toy_jsonl
 from webapp.core.exceptions import ConflictError, PayloadTooLargeError
 from webapp.core.utils import data_path
 from webapp.customizations.models import FeatureSet, File
-from webapp.customizations.services.files import file_create, file_delete
+from webapp.customizations.services.files import (
+    file_create,
+    file_delete,
+    file_tokenization,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -39,6 +43,40 @@ def test_valid_upload_is_processed_with_counts(tiny_base_model: Any) -> None:
     assert file.report["ok"]
     assert file.report["tokenizer"] == "tiny"
     assert data_path(file.path).read_bytes() == toy_jsonl(5)
+
+
+def test_upload_keeps_its_tokenization_for_the_default_base(tiny_base_model: Any) -> None:
+    """The stored tokens of every example equal tokenizing it with the base, line by line."""
+    from customization.datasets import load_dataset
+    from customization.tokenizer import tokenize_examples
+    from webapp.customizations.selectors import base_tokenizer
+
+    file = _upload(UserFactory(), toy_jsonl(5))
+    stored = file_tokenization(file=file, base=tiny_base_model)
+    assert stored is not None
+    fresh = tokenize_examples(
+        load_dataset(toy_jsonl(5)), base_tokenizer(tiny_base_model), max_length=4096
+    )
+    assert stored.examples([t.line for t in fresh]) == fresh
+    assert [stored.length(t.line) for t in fresh] == [len(t.input_ids) for t in fresh]
+    assert stored.examples([1, 99]) is None  # line 99 holds no example
+
+
+def test_stored_tokenization_keeps_ids_of_any_size(tiny_base_model: Any) -> None:
+    """Token ids past 16 bits and masks with several target spans round-trip exactly."""
+    from customization.tokenizer import TokenizedExample
+    from webapp.customizations.services import files
+
+    file = _upload(UserFactory(), toy_jsonl(2))
+    examples = [
+        TokenizedExample([5, 70_000, 2**31, 7, 8], [0, 1, 1, 0, 1], line=1),
+        TokenizedExample([1, 2], [0, 1], line=3),
+    ]
+    files._write_tokenization(file.path, tiny_base_model, examples, max_length=16)
+    stored = file_tokenization(file=file, base=tiny_base_model)
+    assert stored is not None
+    assert stored.id_bytes == 4
+    assert stored.examples([1, 3]) == examples
 
 
 def test_malformed_upload_reports_each_problem_with_its_line(tiny_base_model: Any) -> None:
@@ -76,13 +114,14 @@ def test_uploaded_name_is_never_used_as_a_path(tiny_base_model: Any, data_dir: P
     file = _upload(UserFactory(), toy_jsonl(2), name="../../etc/passwd\x00.jsonl")
     assert file.filename == "passwd.jsonl"
     assert file.path == f"files/{file.id}.jsonl"
-    assert [p.name for p in (data_dir / "files").iterdir()] == [f"{file.id}.jsonl"]
+    names = sorted(p.name for p in (data_dir / "files").iterdir())
+    assert names == [f"{file.id}.jsonl", f"{file.id}.tokens.json"]  # the upload, its tokens
 
 
 def test_file_delete_removes_content_and_derived_features(
     tiny_base_model: Any, django_capture_on_commit_callbacks: Any
 ) -> None:
-    """Deleting the last copy of a dataset removes its content and its cached features."""
+    """Deleting the last copy of a dataset removes its content, tokenization and features."""
     file = FileFactory()
     features = data_path("features/abc")
     features.mkdir(parents=True)
@@ -94,6 +133,7 @@ def test_file_delete_removes_content_and_derived_features(
     assert not File.objects.exists()
     assert not FeatureSet.objects.exists()
     assert not data_path(file.path).exists()
+    assert not data_path(f"files/{file.id}.tokens.json").exists()
     assert not features.exists()
 
 

@@ -20,15 +20,12 @@ from tests.factories import (
     tail_adapter,
 )
 from webapp.core.exceptions import ApplicationError
-from webapp.core.utils import data_path, write_bytes_atomic
+from webapp.core.utils import data_path
+from webapp.customizations.artifacts import write_bytes_atomic
 from webapp.customizations.estimates import job_estimate, tail_job_estimate
 from webapp.customizations.models import BaseModel, FineTuningJob
-from webapp.customizations.services.jobs import (
-    CARRY_ON_DEFAULTS,
-    TAIL_DEFAULTS,
-    job_create,
-    tail_parameters,
-)
+from webapp.customizations.options import CARRY_ON, TAIL, tail_parameters
+from webapp.customizations.services.jobs import job_create
 
 pytestmark = pytest.mark.django_db
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -69,11 +66,11 @@ def test_a_preset_sets_the_kind_and_fills_its_defaults(
     assert (job.kind, job.preset) == (kind, preset)
     if kind == "tail":
         assert job.carry_on == {}
-        assert job.tail == {**TAIL_DEFAULTS, "depth": depth}
+        assert job.tail == {**TAIL.defaults, "depth": depth}
         assert job.tail["target_modules"] == ALL_LINEAR
     else:
         assert job.tail == {}
-        assert job.carry_on["d_model"] == CARRY_ON_DEFAULTS["d_model"]
+        assert job.carry_on["d_model"] == CARRY_ON.defaults["d_model"]
 
 
 def test_the_best_preset_clamps_its_depth_to_the_base(deep_base: BaseModel) -> None:
@@ -105,14 +102,14 @@ def test_tail_options_alone_make_a_tail_job(deep_base: BaseModel) -> None:
     """Without a preset, tail options choose the tail kind with TailConfig's defaults."""
     job = _create(model="deep", tail={"rank": 4, "target_modules": "all-linear"})
     assert (job.kind, job.preset, job.carry_on) == ("tail", "", {})
-    assert job.tail == {**TAIL_DEFAULTS, "rank": 4}
+    assert job.tail == {**TAIL.defaults, "rank": 4}
 
 
 def test_a_job_with_no_options_is_a_carry_on_with_no_tail(tiny_base_model: Any) -> None:
     """No preset and no options: a carry-on, as before the tail existed."""
     job = _create()
     assert (job.kind, job.preset, job.tail) == ("carry_on", "", {})
-    assert job.carry_on["n_blocks"] == CARRY_ON_DEFAULTS["n_blocks"]
+    assert job.carry_on["n_blocks"] == CARRY_ON.defaults["n_blocks"]
 
 
 @pytest.mark.parametrize(
@@ -311,7 +308,7 @@ def test_the_admin_lists_show_kind_depth_and_preset(tiny_base_model: Any) -> Non
     """Jobs and adapters list their kind and preset (adapters their depth) and filter by kind."""
     admin = UserFactory(is_staff=True, is_superuser=True)
     job = FineTuningJobFactory(
-        status="succeeded", kind="tail", preset="best", carry_on={}, tail=dict(TAIL_DEFAULTS)
+        status="succeeded", kind="tail", preset="best", carry_on={}, tail=dict(TAIL.defaults)
     )
     AdapterFactory(job=job, kind="tail", depth=7, preset="best")
     client = signed_in(admin)

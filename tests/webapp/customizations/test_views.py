@@ -21,7 +21,8 @@ from tests.factories import (
     UserFactory,
 )
 from tests.helpers.carry_on_kit import toy_jsonl
-from webapp.core.utils import data_path, write_bytes_atomic
+from webapp.core.utils import data_path
+from webapp.customizations.artifacts import write_bytes_atomic
 from webapp.customizations.models import (
     Adapter,
     Checkpoint,

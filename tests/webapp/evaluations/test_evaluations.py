@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.factories import FileFactory, UserFactory
+from tests.factories import FileFactory, UserFactory, folder_base
 from webapp.core.exceptions import ApplicationError, ConflictError, NotFoundError
 from webapp.core.utils import data_path
 from webapp.evaluations.models import Evaluation
@@ -188,12 +188,7 @@ def test_models_on_two_bases_are_refused(
     user: Any, tiny_base_model: Any, held_out: Any, tiny_base_dir: Path
 ) -> None:
     """One evaluation shares one base forward: its models must share one base."""
-    from webapp.customizations.services.base_models import base_model_register
-
-    base_model_register(
-        name="tiny-copy", source=str(tiny_base_dir), source_type="folder", path=tiny_base_dir,
-        fingerprint=tiny_base_model.fingerprint,
-    )  # fmt: skip
+    folder_base(tiny_base_dir, "tiny-copy", fingerprint=tiny_base_model.fingerprint, default=False)
     with pytest.raises(ApplicationError) as refused:
         evaluation_create(user=user, file=held_out.id, models=["tiny", "tiny-copy"])
     assert (refused.value.param, refused.value.code) == ("models", "models_on_different_bases")

@@ -1,7 +1,9 @@
 """Writes and state transitions of the customization records, split by subdomain.
 
-``base_models`` registration and the per-process tokenizer; ``files`` upload and validation;
-``jobs`` creation, cancel, retry and the status machine; ``pipeline`` what the Celery tasks
-record (claims, heartbeats, progress, events, checkpoints, feature sets, results);
-``adapters`` activation and deletion; ``artifacts`` paths and garbage collection.
+``base_models`` registration; ``files`` upload and validation (and the tokenization kept);
+``jobs`` creation, cancel, retry and the status machine; what the Celery tasks record in
+``claims`` (claims, heartbeats, sweeps), ``planning`` (splits, configs, tokens, feature sets)
+and ``results`` (progress, metrics, checkpoints, the adapter, failure); ``adapters``
+activation and deletion; ``artifacts`` garbage collection (the layout itself:
+``webapp.customizations.artifacts``).
 """

@@ -10,11 +10,12 @@ from typing import IO
 from django.db import transaction
 
 from webapp.core.exceptions import ApplicationError
-from webapp.core.utils import data_path, remove_artifact
+from webapp.core.utils import data_path
+from webapp.customizations.artifacts import checkpoints_folder, remove_artifact
 from webapp.customizations.models import Adapter, FeatureSet
 
-# The files an artifact of each kind cannot be without (DESIGN §1 "Artifact", §1b: a tail
-# is a standard PEFT LoRA folder plus carry_on_tail.json); the bundle holds every file.
+# The files an artifact of each kind cannot be without (docs/architecture.md, "Artifacts": a
+# tail is a standard PEFT LoRA folder plus carry_on_tail.json); the bundle holds every file.
 BUNDLE_FILES = ("carry_on.safetensors", "carry_on_config.json")
 REQUIRED_FILES = {
     "carry_on": BUNDLE_FILES,
@@ -76,7 +77,7 @@ def adapter_delete(*, adapter: Adapter) -> None:
     paths = [adapter.path]
     with transaction.atomic():
         if adapter.job_id is not None:
-            paths.append(f"jobs/{adapter.job_id}/checkpoints")
+            paths.append(checkpoints_folder(adapter.job_id))
             adapter.job.checkpoints.all().delete()  # type: ignore[union-attr]
         adapter.delete()
         transaction.on_commit(lambda: [remove_artifact(p) for p in paths])

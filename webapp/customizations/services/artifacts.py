@@ -8,16 +8,21 @@ from pathlib import Path
 
 from django.conf import settings
 
-from webapp.core.utils import remove_artifact
+from webapp.customizations.artifacts import (
+    AREAS,
+    CHECKPOINTS,
+    remove_artifact,
+    upload_tokens_path,
+)
 from webapp.customizations.models import Adapter, Checkpoint, FeatureSet, File, FineTuningJob
-
-AREAS = ("files", "features", "jobs", "adapters")
 
 
 def _referenced() -> set[str]:
     paths: set[str] = set()
     for model in (File, FeatureSet, Adapter, Checkpoint):
         paths.update(p for p in model.objects.exclude(path="").values_list("path", flat=True))
+    uploads = File.objects.exclude(path="").values_list("path", flat=True)
+    paths.update(upload_tokens_path(p) for p in uploads)  # a sidecar lives with its upload
     return paths
 
 
@@ -30,7 +35,7 @@ def _candidates(root: Path) -> Iterable[Path]:
         for entry in folder.iterdir():
             if area == "jobs" and entry.is_dir() and not entry.name.startswith("."):
                 yield entry
-                checkpoints = entry / "checkpoints"
+                checkpoints = entry / CHECKPOINTS
                 if checkpoints.is_dir():
                     yield from checkpoints.iterdir()
             else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -67,26 +66,3 @@ def base_model_set_enabled(*, base: BaseModel, enabled: bool) -> BaseModel:
     base.enabled = enabled
     base.save(update_fields=["enabled", "updated_at"])
     return base
-
-
-def base_tokenizer(base: BaseModel) -> Any:
-    """The base's ChatTokenizer (torch-free), cached per process until its files change."""
-    tokenizer_file = Path(base.path) / "tokenizer.json"
-    try:
-        stamp = tokenizer_file.stat().st_mtime_ns
-    except FileNotFoundError:
-        raise ApplicationError(
-            f"the files of base model {base.name!r} are missing at {base.path}",
-            param="model",
-            code="base_model_not_found",
-            status=500,
-            type="server_error",
-        ) from None
-    return _load_tokenizer(str(base.path), stamp)
-
-
-@functools.lru_cache(maxsize=8)
-def _load_tokenizer(path: str, _stamp: int) -> Any:
-    from customization.tokenizer import ChatTokenizer
-
-    return ChatTokenizer.from_dir(path)

@@ -12,26 +12,25 @@ and a user cancelling it cannot both win.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import secrets
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-from django.conf import settings
 from django.db import transaction
 
-from customization.config import CarryOnConfig, TailConfig, TrainingConfig, default_taps
-from customization.presets import PRESETS, Preset, get_preset
 from webapp.accounts.models import User
+from webapp.celery import task_send
 from webapp.core.exceptions import ApplicationError, ConflictError, ServiceUnavailableError
 from webapp.core.models import status_update
-from webapp.core.utils import remove_artifact
+from webapp.customizations.artifacts import job_folder, remove_artifact
 from webapp.customizations.models import Adapter, BaseModel, File, FineTuningJob, JobEvent
 from webapp.customizations.quotas import quota_check_active_jobs
+from webapp.customizations.services.job_options import (
+    check_hyperparameters,
+    job_adapter_options,
+)
 
 logger = logging.getLogger(__name__)
 Status = FineTuningJob.Status
@@ -46,66 +45,6 @@ ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
 }
 CANCELLABLE = (Status.VALIDATING_FILES, Status.QUEUED, Status.RUNNING)
 
-# The web app's defaults are the core's (customization.config), so a job submitted with
-# no options trains exactly the carry-on the quality study picked (docs/carry_on_quality.md).
-_TRAINING = TrainingConfig()
-_SHAPE = CarryOnConfig()
-# The carry-on's peak learning rate at learning_rate_multiplier = 1.
-BASE_LEARNING_RATE = _TRAINING.learning_rate
-AUTO_HYPERPARAMETERS = {
-    "n_epochs": _TRAINING.epochs,
-    "batch_size": _TRAINING.batch_size,
-    "learning_rate_multiplier": 1.0,
-}
-HYPERPARAMETER_RANGES: dict[str, tuple[type, float, float]] = {
-    "n_epochs": (int, 1, 50),
-    "batch_size": (int, 1, 256),
-    "learning_rate_multiplier": (float, 1e-3, 10.0),
-}
-CARRY_ON_DEFAULTS: dict[str, Any] = {
-    # the carry-on's shape (customization.config.CarryOnConfig); "auto" taps: the default
-    # ladder for the job's base (customization.config.default_taps)
-    "d_model": _SHAPE.d_model,
-    "n_blocks": _SHAPE.n_blocks,
-    "n_heads": _SHAPE.n_heads,
-    "mlp_ratio": _SHAPE.mlp_ratio,
-    "taps": "auto",
-    "tap_mode": _SHAPE.tap_mode,
-    "alpha": _SHAPE.alpha,
-    "dropout": _SHAPE.dropout,
-    # feature extraction (part of the feature-cache key)
-    "max_length": "auto",
-    "storage_dtype": "float16",
-    # training extras
-    "checkpoint_every": "auto",
-    "early_stopping_patience": 0,
-}
-_TAIL = TailConfig()
-TAIL_DEFAULTS: dict[str, Any] = {
-    # the tail's shape (customization.config.TailConfig): LoRA on the base's top ``depth``
-    # layers; a depth above the base's is refused, except a preset's, clamped (DESIGN §1b)
-    "depth": _TAIL.depth,
-    "rank": _TAIL.rank,
-    "alpha": _TAIL.alpha,
-    "target_modules": list(_TAIL.target_modules),
-    "dropout": _TAIL.dropout,
-    # the same extraction and training extras as a carry-on's
-    "max_length": "auto",
-    "storage_dtype": "float16",
-    "checkpoint_every": "auto",
-    "early_stopping_patience": 0,
-}
-_TAIL_SHAPE_KEYS = ("depth", "rank", "alpha", "target_modules", "dropout")
-_SHAPE_KEYS = (
-    "d_model",
-    "n_blocks",
-    "n_heads",
-    "mlp_ratio",
-    "taps",
-    "tap_mode",
-    "alpha",
-    "dropout",
-)
 _SUFFIX_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
@@ -128,10 +67,11 @@ def job_create(
 ) -> FineTuningJob:
     """Validate the request, create the job and enqueue file validation once committed.
 
-    A job trains one adapter kind (DESIGN §1b): a carry-on (``carry_on`` options) or a tail
-    (``tail`` options). A ``preset`` picks the kind and fills defaults; options given with
-    it win over the preset's. A ``model`` naming one of the user's adapters continues it, as
-    OpenAI's API does: the same base, kind, shape and preset, starting from its weights.
+    A job trains one adapter kind (docs/architecture.md, "Two adapter kinds"): a carry-on
+    (``carry_on`` options) or a tail (``tail`` options). A ``preset`` picks the kind and fills
+    defaults; options given with it win over the preset's. A ``model`` naming one of the
+    user's adapters continues it, as OpenAI's API does: the same base, kind, shape and preset,
+    starting from its weights.
 
     If the broker does not take the task, the job is withdrawn (deleted) and
     ``ServiceUnavailableError`` (503) is raised: the caller retries, and no job waits for a
@@ -142,19 +82,9 @@ def job_create(
     train = _resolve_file(user, training_file, "training_file")
     _check_training_size(train)
     valid = _resolve_file(user, validation_file, "validation_file") if validation_file else None
-    if parent is not None:
-        preset_name, kind, shape = _continued_options(
-            parent, base=base, preset=preset, carry_on=carry_on, tail=tail
-        )
-    else:
-        chosen = _resolve_preset(preset)
-        preset_name = chosen.name if chosen else ""
-        kind = _job_kind(chosen, carry_on=carry_on, tail=tail)
-        if kind == "tail":
-            shape = {"tail": _check_tail(tail or {}, base=base, preset=chosen), "carry_on": {}}
-        else:
-            options = _check_carry_on(carry_on or {}, base=base, preset=chosen)
-            shape = {"carry_on": options, "tail": {}}
+    preset_name, kind, shape = job_adapter_options(
+        parent=parent, base=base, preset=preset, carry_on=carry_on, tail=tail
+    )
     with transaction.atomic():
         quota_check_active_jobs(user=user)
         job = FineTuningJob.objects.create(
@@ -164,7 +94,7 @@ def job_create(
             parent_model=parent.name if parent is not None else "",
             training_file=train,
             validation_file=valid,
-            hyperparameters=_check_hyperparameters(hyperparameters or {}),
+            hyperparameters=check_hyperparameters(hyperparameters or {}),
             kind=kind,
             preset=preset_name,
             **shape,
@@ -226,71 +156,6 @@ def _resolve_parent(user: User, model: str | BaseModel | None) -> Adapter | None
     )
 
 
-def _continued_options(
-    parent: Adapter,
-    *,
-    base: BaseModel,
-    preset: str | None,
-    carry_on: Mapping[str, Any] | None,
-    tail: Mapping[str, Any] | None,
-) -> tuple[str, str, dict[str, Any]]:
-    """A continued fine-tune's preset, kind and options: the parent's kind and shape plus the
-    extras the request gives (max_length, ...). An option that contradicts the parent's
-    shape, a preset other than its, or the other kind's options are 400s naming them."""
-    source = parent.job
-    if source is None or not job_options(source):
-        raise ApplicationError(
-            f"the job that trained {parent.name} was deleted, so its shape is unknown; "
-            "it cannot be fine-tuned further",
-            param="model",
-            code="model_not_available",
-        )
-    kind, spelled = source.kind, source.kind.replace("_", "-")
-    if preset not in (None, "") and preset != source.preset:
-        trained = f"preset {source.preset!r}" if source.preset else "no preset (custom)"
-        raise ApplicationError(
-            f"{parent.name} was trained with {trained}; a continued fine-tune keeps its "
-            "parent's preset (leave preset out)",
-            param="preset",
-        )
-    other = "tail" if kind == "carry_on" else "carry_on"
-    if _given(tail if other == "tail" else carry_on):
-        raise ApplicationError(
-            f"{parent.name} is a {spelled}: {other} options do not apply to continuing it",
-            param=other,
-        )
-    given = (tail if kind == "tail" else carry_on) or {}
-    _check_known(given, TAIL_DEFAULTS if kind == "tail" else CARRY_ON_DEFAULTS, kind)
-    keys = _TAIL_SHAPE_KEYS if kind == "tail" else _SHAPE_KEYS
-    shape = {key: job_options(source)[key] for key in keys}
-    for key in keys:
-        if key in given and _normalized(key, given[key], base) != shape[key]:
-            raise ApplicationError(
-                f"{kind}.{key} is {shape[key]!r} in {parent.name}; a continued fine-tune "
-                "keeps its parent's shape (leave the option out)",
-                param=f"{kind}.{key}",
-            )
-    values = {**given, **shape}
-    if kind == "tail":
-        return source.preset, kind, {"tail": _check_tail(values, base=base), "carry_on": {}}
-    return source.preset, kind, {"carry_on": _check_carry_on(values, base=base), "tail": {}}
-
-
-def _normalized(key: str, value: Any, base: BaseModel) -> Any:
-    """An option as a job stores it once resolved, to compare with a parent's."""
-    if key == "taps" and value == "auto":
-        return list(resolve_default_taps(base))
-    if key == "target_modules" and value == "all-linear":
-        return list(_TAIL.target_modules)
-    return list(value) if isinstance(value, tuple) else value
-
-
-def job_options(job: FineTuningJob) -> dict[str, Any]:
-    """The adapter's options (shape, feature and training extras) of either kind."""
-    options: dict[str, Any] = job.tail if job.kind == "tail" else job.carry_on
-    return options
-
-
 # OpenAI refuses a training file with fewer examples: too few to learn from, and a user
 # would rather hear so at once than from a job that ran.
 MIN_TRAINING_EXAMPLES = 10
@@ -333,310 +198,6 @@ def _first_problem(file: File) -> str:
     first = problems[0]
     where = f"line {first['line']}: " if first.get("line") else ""
     return f"{where}{first['message']} ({len(problems)} problem(s) in all)"
-
-
-def _check_hyperparameters(values: Mapping[str, Any]) -> dict[str, Any]:
-    if not isinstance(values, Mapping):
-        raise ApplicationError("hyperparameters must be an object", param="hyperparameters")
-    unknown = sorted(set(values) - set(HYPERPARAMETER_RANGES))
-    if unknown:
-        raise ApplicationError(
-            f"unknown hyperparameter {unknown[0]!r}; allowed: {', '.join(HYPERPARAMETER_RANGES)}",
-            param=f"hyperparameters.{unknown[0]}",
-        )
-    checked: dict[str, Any] = {}
-    for name, (kind, low, high) in HYPERPARAMETER_RANGES.items():
-        value = values.get(name, "auto")
-        param = f"hyperparameters.{name}"
-        if value == "auto":
-            checked[name] = "auto"
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ApplicationError(f"{name} must be 'auto' or a number", param=param)
-        if not math.isfinite(value):
-            raise ApplicationError(f"{name} must be a finite number", param=param)
-        if kind is int and value != int(value):
-            raise ApplicationError(f"{name} must be an integer", param=param)
-        if not low <= value <= high:
-            raise ApplicationError(f"{name} must be between {low} and {high}", param=param)
-        checked[name] = kind(value)
-    return checked
-
-
-def _check_carry_on(
-    values: Mapping[str, Any], *, base: BaseModel | None = None, preset: Preset | None = None
-) -> dict[str, Any]:
-    from customization.config import FeatureConfig
-
-    _check_known(values, CARRY_ON_DEFAULTS, "carry_on")
-    _check_carry_on_types(values)
-    options = {**CARRY_ON_DEFAULTS, **(preset.options if preset else {}), **values}
-    if options["taps"] == "auto":
-        options["taps"] = list(resolve_default_taps(base))
-    try:
-        shape = {key: options[key] for key in _SHAPE_KEYS}
-        shape["taps"] = tuple(shape["taps"])
-        CarryOnConfig(**shape)
-        FeatureConfig(
-            taps=shape["taps"],
-            max_length=512 if options["max_length"] == "auto" else options["max_length"],
-            storage_dtype=options["storage_dtype"],
-        )
-    except (TypeError, ValueError) as exc:
-        raise ApplicationError(f"invalid carry_on options: {exc}", param="carry_on") from None
-    _check_extras(options, "carry_on")
-    options["taps"] = list(shape["taps"])
-    _check_carry_on_size(options, base)
-    return options
-
-
-def _check_known(values: Any, allowed: Mapping[str, Any], kind: str) -> None:
-    """An object of options, each one ``allowed`` names; a 400 names the first other."""
-    if not isinstance(values, Mapping):
-        raise ApplicationError(f"{kind} must be an object", param=kind)
-    unknown = sorted(set(values) - set(allowed))
-    if unknown:
-        raise ApplicationError(
-            f"unknown {kind} option {unknown[0]!r}; allowed: {', '.join(allowed)}",
-            param=f"{kind}.{unknown[0]}",
-        )
-
-
-def _check_extras(options: Mapping[str, Any], kind: str) -> None:
-    """The extraction and training extras both kinds take (the last four of
-    CARRY_ON_DEFAULTS and TAIL_DEFAULTS), with the operator's caps; ``kind`` names the param."""
-    from customization.config import FeatureConfig
-
-    for key in ("max_length", "checkpoint_every"):
-        value = options[key]
-        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ApplicationError(f"{key} must be 'auto' or an integer", param=f"{kind}.{key}")
-    cap = int(settings.CARRY_ON["MAX_LENGTH_CAP"])
-    if options["max_length"] != "auto" and options["max_length"] > cap:
-        raise ApplicationError(
-            f"max_length may be at most {cap} tokens on this service",
-            param=f"{kind}.max_length",
-            code="option_above_limit",
-        )
-    for key in ("max_length", "storage_dtype"):
-        if options[key] != "auto":
-            try:
-                FeatureConfig(**{key: options[key]})
-            except ValueError as exc:
-                raise ApplicationError(str(exc), param=f"{kind}.{key}") from None
-    patience = options["early_stopping_patience"]
-    if isinstance(patience, bool) or not isinstance(patience, int) or not 0 <= patience <= 100:
-        raise ApplicationError(
-            "early_stopping_patience must be an integer in [0, 100]",
-            param=f"{kind}.early_stopping_patience",
-        )
-
-
-def _resolve_preset(name: str | None) -> Preset | None:
-    if name is None or name == "":
-        return None
-    if not isinstance(name, str):
-        raise ApplicationError(f"preset must be one of {', '.join(PRESETS)}", param="preset")
-    try:
-        return get_preset(name)
-    except ValueError as exc:
-        raise ApplicationError(str(exc), param="preset", code="invalid_preset") from None
-
-
-def _given(options: Any) -> bool:
-    return options is not None and not (isinstance(options, Mapping) and not options)
-
-
-def _job_kind(preset: Preset | None, *, carry_on: Any, tail: Any) -> str:
-    """The adapter kind: the preset's, else the kind whose options were given."""
-    if _given(carry_on) and _given(tail):
-        raise ApplicationError(
-            "give carry_on or tail options, not both: a job trains one adapter kind",
-            param="tail",
-        )
-    if preset is None:
-        return "tail" if _given(tail) else "carry_on"
-    other = "tail" if preset.kind == "carry_on" else "carry_on"
-    if _given(tail if other == "tail" else carry_on):
-        raise ApplicationError(
-            f"preset {preset.name!r} trains a {preset.kind.replace('_', '-')}; "
-            f"{other} options do not apply to it",
-            param=other,
-        )
-    return preset.kind
-
-
-def _check_tail(
-    values: Mapping[str, Any], *, base: BaseModel, preset: Preset | None = None
-) -> dict[str, Any]:
-    """Tail options (TAIL_DEFAULTS) checked one by one with TailConfig, so a 400 names one."""
-    _check_known(values, TAIL_DEFAULTS, "tail")
-    options = {**TAIL_DEFAULTS, **(preset.options if preset else {}), **values}
-    layers = base_num_layers(base)
-    if "depth" not in values and layers:
-        # A preset's or the default depth fits any base ("best": every layer); a depth the
-        # user gave is checked against the base instead.
-        options["depth"] = min(int(options["depth"]), layers)
-    if options["target_modules"] == "all-linear":  # PEFT's spelling
-        options["target_modules"] = list(_TAIL.target_modules)
-    _check_tail_types(options)
-    for key in _TAIL_SHAPE_KEYS:
-        value = options[key]
-        given: dict[str, Any] = {key: tuple(value) if key == "target_modules" else value}
-        if key == "depth":
-            given["num_layers"] = layers
-        try:
-            TailConfig(**given)
-        except ValueError as exc:
-            raise ApplicationError(f"invalid tail option: {exc}", param=f"tail.{key}") from None
-    options["target_modules"] = list(options["target_modules"])
-    _check_extras(options, "tail")
-    _check_tail_size(options, base)
-    return options
-
-
-_TAIL_TYPES: dict[str, tuple[type, ...]] = {
-    "depth": (int,),
-    "rank": (int,),
-    "alpha": (int, float),
-    "dropout": (int, float),
-    "storage_dtype": (str,),
-}
-
-
-def _check_tail_types(options: Mapping[str, Any]) -> None:
-    for key, kinds in _TAIL_TYPES.items():
-        value = options[key]
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            kind = (
-                "a string" if kinds == (str,) else "an integer" if kinds == (int,) else "a number"
-            )
-            raise ApplicationError(f"{key} must be {kind}", param=f"tail.{key}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ApplicationError(f"{key} must be a finite number", param=f"tail.{key}")
-    modules = options["target_modules"]
-    if not isinstance(modules, list | tuple) or not all(isinstance(m, str) for m in modules):
-        raise ApplicationError(
-            'target_modules must be "all-linear" or a list of module names',
-            param="tail.target_modules",
-        )
-
-
-def base_num_layers(base: BaseModel | None) -> int:
-    """The base's decoder layers (its fingerprint's ``num_layers``); 0 when unknown."""
-    layers = (base.fingerprint if base else {}).get("num_layers")
-    return layers if isinstance(layers, int) and not isinstance(layers, bool) else 0
-
-
-def base_linear_shapes(base: BaseModel | None) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each decoder-layer linear a tail may adapt.
-
-    Read from the base folder's ``config.json`` (Llama-family names); without it, a
-    Llama-shaped guess from the fingerprint's width (full attention, an MLP 8/3 as wide).
-    """
-    hidden = int((base.fingerprint if base else {}).get("hidden_size") or 576)
-    config: dict[str, Any] = {}
-    if base is not None and base.path:
-        with contextlib.suppress(OSError, ValueError):
-            config = json.loads((Path(base.path) / "config.json").read_text())
-    hidden = int(config.get("hidden_size") or hidden)
-    inner = int(config.get("intermediate_size") or round(hidden * 8 / 3))
-    heads = int(config.get("num_attention_heads") or 1)
-    head_dim = int(config.get("head_dim") or hidden // heads)
-    kv = int(config.get("num_key_value_heads") or heads) * head_dim
-    attention = heads * head_dim
-    return {
-        "q_proj": (hidden, attention),
-        "k_proj": (hidden, kv),
-        "v_proj": (hidden, kv),
-        "o_proj": (attention, hidden),
-        "gate_proj": (hidden, inner),
-        "up_proj": (hidden, inner),
-        "down_proj": (inner, hidden),
-    }
-
-
-def tail_parameters(options: Mapping[str, Any], base: BaseModel | None) -> int:
-    """LoRA's trained parameters: depth × Σ over target modules of rank × (in + out)."""
-    shapes = base_linear_shapes(base)
-    per_layer = sum(int(options["rank"]) * sum(shapes[m]) for m in options["target_modules"])
-    return int(options["depth"]) * per_layer
-
-
-def _check_tail_size(options: Mapping[str, Any], base: BaseModel) -> None:
-    """The carry-on's ceiling, for the same reason: a worker (and the cache) must hold it."""
-    estimate = tail_parameters(options, base)
-    limit = min(
-        int(settings.CARRY_ON["MAX_CARRY_ON_PARAMETERS"]),
-        int(settings.CARRY_ON["SERVING_ADAPTER_CACHE_BYTES"]) // 4,
-    )
-    if estimate > limit:
-        raise ApplicationError(
-            f"this tail would have about {estimate:,} parameters; the limit is {limit:,}",
-            param="tail",
-            code="tail_too_large",
-        )
-
-
-def resolve_default_taps(base: BaseModel | None) -> tuple[int, ...]:
-    """The default ladder's taps for ``base`` (the bundled base's when its depth is unknown)."""
-    layers = int((base.fingerprint if base else {}).get("num_layers") or 0)
-    return default_taps(layers) if layers else CarryOnConfig().taps
-
-
-_CARRY_ON_TYPES: dict[str, tuple[type, ...]] = {
-    "d_model": (int,),
-    "n_blocks": (int,),
-    "n_heads": (int,),
-    "mlp_ratio": (int, float),
-    "alpha": (int, float),
-    "dropout": (int, float),
-    "tap_mode": (str,),
-    "storage_dtype": (str,),
-}
-
-
-def _check_carry_on_types(values: Mapping[str, Any]) -> None:
-    """JSON types first, so a wrong one is a 400 here rather than a failed job later."""
-    for key, kinds in _CARRY_ON_TYPES.items():
-        value = values.get(key)
-        if key in values and (isinstance(value, bool) or not isinstance(value, kinds)):
-            kind = (
-                "a string" if kinds == (str,) else "an integer" if kinds == (int,) else "a number"
-            )
-            raise ApplicationError(f"{key} must be {kind}", param=f"carry_on.{key}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ApplicationError(f"{key} must be a finite number", param=f"carry_on.{key}")
-    taps = values.get("taps", [])
-    if taps == "auto":
-        return
-    if not isinstance(taps, list | tuple) or not all(
-        isinstance(t, int) and not isinstance(t, bool) and abs(t) <= 4096 for t in taps
-    ):
-        raise ApplicationError(
-            'taps must be "auto" or a list of layer indices', param="carry_on.taps"
-        )
-
-
-def _check_carry_on_size(options: Mapping[str, Any], base: BaseModel | None) -> None:
-    """Refuse a carry-on too large for any worker (it would only run out of memory there)."""
-    d, hidden = (
-        int(options["d_model"]),
-        int((base.fingerprint if base else {}).get("hidden_size", 0)),
-    )
-    blocks = int(options["n_blocks"]) * (4 + 3 * float(options["mlp_ratio"])) * d * d
-    estimate = int(blocks + (len(options["taps"]) + 2) * hidden * d)
-    # It must also fit the serving cache (float32), or it could never be served.
-    limit = min(
-        int(settings.CARRY_ON["MAX_CARRY_ON_PARAMETERS"]),
-        int(settings.CARRY_ON["SERVING_ADAPTER_CACHE_BYTES"]) // 4,
-    )
-    if estimate > limit:
-        raise ApplicationError(
-            f"this carry-on would have about {estimate:,} parameters; the limit is {limit:,}",
-            param="carry_on",
-            code="carry_on_too_large",
-        )
 
 
 def _check_suffix(suffix: str | None) -> str:
@@ -731,7 +292,7 @@ def job_delete(*, job: FineTuningJob) -> None:
     """Delete a finished job with its events, checkpoints and their artifacts."""
     if not job.is_terminal:
         raise ConflictError(f"job {job.id} is {job.status}; cancel it first")
-    folder = f"jobs/{job.id}"
+    folder = job_folder(job.id)
     with transaction.atomic():
         job.delete()
         transaction.on_commit(lambda: remove_artifact(folder))
@@ -755,9 +316,9 @@ def job_event_create(
 
 
 STAGE_TASKS = {
-    "validating": "validate_job_files",
-    FineTuningJob.Stage.EXTRACTING: "extract_job_features",
-    FineTuningJob.Stage.TRAINING: "train_job",
+    "validating": "workers.tasks.validate_job_files",
+    FineTuningJob.Stage.EXTRACTING: "workers.tasks.extract_job_features",
+    FineTuningJob.Stage.TRAINING: "workers.tasks.train_job",
 }
 
 
@@ -765,10 +326,8 @@ def send_stage(*, job_id: str, stage: str) -> None:
     """Send the stage's task now; ServiceUnavailableError (503) when the broker refuses it."""
     from kombu.exceptions import OperationalError as BrokerError
 
-    from workers import tasks  # torch-free at import; routes pick the queue
-
     try:
-        getattr(tasks, STAGE_TASKS[stage]).apply_async(args=[job_id])
+        task_send(STAGE_TASKS[stage], args=[job_id])
     except (BrokerError, OSError) as exc:
         logger.warning("could not send %s of %s to the broker: %s", stage, job_id, exc)
         raise ServiceUnavailableError(
@@ -782,7 +341,7 @@ def enqueue_stage(*, job_id: str, stage: str) -> None:
     """Send the stage's task once the current transaction commits (never a phantom job).
 
     A send the broker refuses leaves the job waiting with no message: the workers' sweep
-    (pipeline.job_sweep_unclaimed) sends it again after REQUEUE_AFTER.
+    (claims.job_sweep_unclaimed) sends it again after REQUEUE_AFTER.
     """
 
     def send() -> None:
@@ -790,9 +349,3 @@ def enqueue_stage(*, job_id: str, stage: str) -> None:
             send_stage(job_id=job_id, stage=stage)
 
     transaction.on_commit(send)
-
-
-def job_model_name(job: FineTuningJob) -> str:
-    """``ft:<base>:<owner>:<suffix>:<job id>``, the adapter's name."""
-    owner = "".join(c if c.isalnum() or c in "-_." else "-" for c in job.owner.username)[:40]
-    return f"ft:{job.base.name}:{owner}:{job.suffix}:{job.id}"

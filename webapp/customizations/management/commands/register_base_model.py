@@ -6,12 +6,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from webapp.core.exceptions import ApplicationError
 from webapp.customizations.management.commands._base_models import (
-    prepare_gguf,
-    prepare_hub,
     register_bundled,
     register_folder,
 )
@@ -49,6 +48,9 @@ class Command(BaseCommand):
         self.stdout.write(f"registered {base.name}{flags}: {base.path} [{base.fingerprint_key}]")
 
     def _register(self, source: str, options: dict[str, Any]) -> BaseModel:
+        from customization.base_model import export_hub_base, prepare_gguf_base
+
+        models_dir = settings.MODELS_DIR
         path = Path(source).expanduser()
         if path.suffix == ".gguf" or path.exists() or not _HUB_ID.match(source):
             # A path: it must exist, and is never taken for a hub id when it does not.
@@ -56,7 +58,8 @@ class Command(BaseCommand):
                 raise CommandError(f"{path} does not exist (hub ids look like 'owner/name')")
             if path.suffix == ".gguf" and path.is_file():
                 name = _checked_name(options["name"] or path.stem)
-                folder, kind = prepare_gguf(path.resolve(), name), BaseModel.SourceType.GGUF
+                folder = prepare_gguf_base(path.resolve(), models_dir, name=name)
+                kind = BaseModel.SourceType.GGUF
             elif path.is_dir():
                 name = _checked_name(options["name"] or path.resolve().name)
                 folder, kind = path.resolve(), BaseModel.SourceType.FOLDER
@@ -64,7 +67,8 @@ class Command(BaseCommand):
                 raise CommandError(f"{path} is neither an HF folder nor a .gguf file")
         else:
             name = _checked_name(options["name"] or source.split("/")[-1])
-            folder = prepare_hub(source, options["revision"], name)
+            revision = options["revision"] or None
+            folder = export_hub_base(source, models_dir, name=name, revision=revision)
             kind = BaseModel.SourceType.HUB
         return register_folder(
             name=name,

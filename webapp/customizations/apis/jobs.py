@@ -1,9 +1,6 @@
-"""The OpenAI-compatible REST API for files, fine-tuning jobs and models.
+"""``/v1/fine_tuning/jobs``: create, list, retrieve and cancel jobs; their events and checkpoints.
 
-Paths, object shapes and field names follow OpenAI's API so the official ``openai`` client
-works unchanged; adapter options ride along as documented extension fields (``preset``,
-``carry_on`` or ``tail`` on a job; ``kind``, ``depth`` and ``preset`` on a fine-tuned
-model). Each view parses input, calls one service or selector, and serializes.
+A job's adapter options (``preset``, ``carry_on``, ``tail``) are extension fields.
 """
 
 from __future__ import annotations
@@ -11,220 +8,78 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from django.http import FileResponse, HttpResponse
-from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import (
-    OpenApiParameter,
-    OpenApiResponse,
-    extend_schema,
-    extend_schema_field,
-)
+from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers
-from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from customization.config import TAIL_LEARNING_RATE
 from customization.presets import ADAPTER_KINDS, PRESETS
-from webapp.core.api import (
-    ERRORS,
-    LIST_PARAMETERS,
-    ApiView,
-    ErrorSerializer,
-    error_object,
-    list_of,
-    paginate,
-    refuse_unknown_fields,
-    unix,
-)
+from webapp.core.api.errors import ERRORS, ErrorSerializer
+from webapp.core.api.objects import error_object, unix
+from webapp.core.api.pagination import LIST_PARAMETERS, list_of, paginate
+from webapp.core.api.parsing import refuse_unknown_fields
+from webapp.core.api.views import ApiView
 from webapp.core.exceptions import ApplicationError
 from webapp.customizations import selectors
-from webapp.customizations.models import Adapter, BaseModel, Checkpoint, File, FineTuningJob
-from webapp.customizations.services.adapters import adapter_delete
-from webapp.customizations.services.files import PURPOSES, file_create, file_delete, file_open
-from webapp.customizations.services.jobs import (
-    AUTO_HYPERPARAMETERS,
+from webapp.customizations.models import Checkpoint, FineTuningJob
+from webapp.customizations.options import (
     BASE_LEARNING_RATE,
-    HYPERPARAMETER_RANGES,
-    job_cancel,
-    job_create,
-    job_model_name,
+    CARRY_ON,
+    TAIL,
+    KindOptions,
+    Option,
+    hyperparameter_help,
 )
-
-
-class DeletedSerializer(serializers.Serializer):
-    id = serializers.CharField()
-    object = serializers.CharField()
-    deleted = serializers.BooleanField()
-
-
-# -- files ----------------------------------------------------------------------------------------
-
-
-class FileSerializer(serializers.Serializer):
-    id = serializers.CharField()
-    object = serializers.CharField(help_text="Always 'file'.")
-    bytes = serializers.IntegerField()
-    created_at = serializers.IntegerField()
-    expires_at = serializers.IntegerField(allow_null=True)
-    filename = serializers.CharField()
-    purpose = serializers.CharField()
-    status = serializers.ChoiceField(choices=["uploaded", "processed", "error"])
-    status_details = serializers.CharField(allow_null=True)
-    format = serializers.CharField(allow_blank=True, help_text="Extension: detected format.")
-    n_examples = serializers.IntegerField(help_text="Extension: valid examples.")
-    n_tokens = serializers.IntegerField(allow_null=True, help_text="Extension: total tokens.")
-
-
-def file_object(file: File) -> dict[str, Any]:
-    problems = file.problems
-    details = None
-    if problems:
-        first = problems[0]
-        where = f"line {first['line']}: " if first.get("line") else ""
-        details = f"{where}{first['message']} ({len(problems)} problem(s))"
-    return {
-        "id": file.id,
-        "object": "file",
-        "bytes": file.bytes,
-        "created_at": unix(file.created_at),
-        "expires_at": None,
-        "filename": file.filename,
-        "purpose": file.purpose,
-        "status": file.status,
-        "status_details": details,
-        "format": file.format,
-        "n_examples": file.n_examples,
-        "n_tokens": file.n_tokens,
-    }
-
-
-class FileUploadSerializer(serializers.Serializer):
-    file = serializers.FileField(allow_empty_file=True)
-    purpose = serializers.ChoiceField(choices=PURPOSES)
-
-
-class FileListCreateApi(ApiView):
-    parser_classes = [MultiPartParser, FormParser]
-
-    @extend_schema(
-        operation_id="createFile",
-        summary="Upload a JSONL dataset; it is validated now (problems named by line)",
-        request={"multipart/form-data": FileUploadSerializer},
-        responses={200: FileSerializer, 413: ErrorSerializer, **ERRORS},
-    )
-    def post(self, request: Request) -> Response:
-        form = FileUploadSerializer(data=request.data)
-        form.is_valid(raise_exception=True)
-        file = file_create(
-            user=request.user,
-            upload=form.validated_data["file"],
-            purpose=form.validated_data["purpose"],
-            keep_invalid=False,
-        )
-        return Response(file_object(file))
-
-    @extend_schema(
-        operation_id="listFiles",
-        parameters=[*LIST_PARAMETERS, OpenApiParameter("purpose", str)],
-        responses={200: list_of(FileSerializer, "FileList"), **ERRORS},
-    )
-    def get(self, request: Request) -> Response:
-        rows = selectors.file_list(user=request.user)
-        purpose = request.query_params.get("purpose")
-        if purpose:
-            rows = rows.filter(purpose=purpose)
-        return Response(paginate(request, rows, file_object))
-
-
-class FileDetailApi(ApiView):
-    @extend_schema(operation_id="retrieveFile", responses={200: FileSerializer, **ERRORS})
-    def get(self, request: Request, file_id: str) -> Response:
-        return Response(file_object(selectors.file_get(user=request.user, file_id=file_id)))
-
-    @extend_schema(
-        operation_id="deleteFile",
-        responses={200: DeletedSerializer, 409: ErrorSerializer, **ERRORS},
-    )
-    def delete(self, request: Request, file_id: str) -> Response:
-        file = selectors.file_get(user=request.user, file_id=file_id)
-        file_delete(file=file)
-        return Response({"id": file_id, "object": "file", "deleted": True})
-
-
-class FileContentApi(ApiView):
-    @extend_schema(
-        operation_id="downloadFile",
-        responses={
-            (200, "application/octet-stream"): OpenApiResponse(OpenApiTypes.BINARY),
-            **ERRORS,
-        },
-    )
-    def get(self, request: Request, file_id: str) -> HttpResponse:
-        file = selectors.file_get(user=request.user, file_id=file_id)
-        # Streamed in blocks: a large upload is never held in memory whole.
-        return FileResponse(
-            file_open(file=file),
-            content_type="application/octet-stream",
-            as_attachment=True,
-            filename=f"{file.id}.jsonl",
-        )
-
-
-# -- fine-tuning jobs ----------------------------------------------------------------------
-
-
-def _range(name: str) -> str:
-    """``"auto" (default N) or low..high``, from the service's own table."""
-    _, low, high = HYPERPARAMETER_RANGES[name]
-    return f'"auto" (default {AUTO_HYPERPARAMETERS[name]:g}) or {low:g}..{high:g}'
+from webapp.customizations.services.jobs import job_cancel, job_create
 
 
 class HyperparametersSerializer(serializers.Serializer):
-    n_epochs = serializers.JSONField(required=False, help_text=_range("n_epochs"))
-    batch_size = serializers.JSONField(required=False, help_text=_range("batch_size"))
+    n_epochs = serializers.JSONField(required=False, help_text=hyperparameter_help("n_epochs"))
+    batch_size = serializers.JSONField(required=False, help_text=hyperparameter_help("batch_size"))
     learning_rate_multiplier = serializers.JSONField(
         required=False,
-        help_text=f"{_range('learning_rate_multiplier')}: a multiplier of the base rate, a "
-        f"carry-on's {BASE_LEARNING_RATE:g}, a tail's {TAIL_LEARNING_RATE:g}, or the preset's",
+        help_text=f"{hyperparameter_help('learning_rate_multiplier')}: a multiplier of the base "
+        f"rate, a carry-on's {BASE_LEARNING_RATE:g}, a tail's {TAIL_LEARNING_RATE:g}, or the "
+        "preset's",
     )
 
 
-class CarryOnOptionsSerializer(serializers.Serializer):
-    """Extension: the carry-on's shape and extraction options (all optional)."""
+def _option_field(option: Option) -> serializers.Field:
+    """The schema's field for one option (the service checks the value itself)."""
+    bounds = {
+        key: value
+        for key, value in (("min_value", option.low), ("max_value", option.high))
+        if value is not None
+    }
+    text = {"required": False, "help_text": option.help or None}
+    if option.default == "auto" or list in option.types:
+        return serializers.JSONField(**text)
+    if option.types == (int,):
+        return serializers.IntegerField(**text, **bounds)
+    if option.types == (int, float):
+        return serializers.FloatField(**text, **bounds)
+    if option.types == (bool,):
+        return serializers.BooleanField(**text)
+    return serializers.CharField(**text)
 
-    d_model = serializers.IntegerField(required=False)
-    n_blocks = serializers.IntegerField(required=False)
-    n_heads = serializers.IntegerField(required=False)
-    mlp_ratio = serializers.FloatField(required=False)
-    taps = serializers.JSONField(
-        required=False, help_text='"auto" (the default ladder for the base) or layer indices'
-    )
-    tap_mode = serializers.CharField(required=False)
-    alpha = serializers.FloatField(required=False)
-    dropout = serializers.FloatField(required=False)
-    max_length = serializers.JSONField(required=False)
-    storage_dtype = serializers.CharField(required=False)
-    checkpoint_every = serializers.JSONField(required=False)
-    early_stopping_patience = serializers.IntegerField(required=False)
+
+def options_serializer(name: str, registry: KindOptions, doc: str) -> type[serializers.Serializer]:
+    """A serializer naming every option of one kind, for the schema (component ``name``)."""
+    fields = {key: _option_field(option) for key, option in registry.options.items()}
+    return type(f"{name}Serializer", (serializers.Serializer,), {"__doc__": doc, **fields})
 
 
-class TailOptionsSerializer(serializers.Serializer):
-    """Extension: the tail's shape (LoRA on the base's top layers) and extras (all optional)."""
-
-    depth = serializers.IntegerField(
-        required=False, help_text="How many of the base's top layers the tail re-runs (1..L)"
-    )
-    rank = serializers.IntegerField(required=False, help_text="LoRA rank, 1..256")
-    alpha = serializers.FloatField(required=False, help_text="LoRA alpha (scale alpha / rank)")
-    target_modules = serializers.JSONField(
-        required=False, help_text='"all-linear" or names among q_proj ... down_proj'
-    )
-    dropout = serializers.FloatField(required=False)
-    max_length = serializers.JSONField(required=False)
-    storage_dtype = serializers.CharField(required=False)
-    checkpoint_every = serializers.JSONField(required=False)
-    early_stopping_patience = serializers.IntegerField(required=False)
+CarryOnOptionsSerializer = options_serializer(
+    "CarryOnOptions",
+    CARRY_ON,
+    "Extension: the carry-on's shape and extraction options (all optional).",
+)
+TailOptionsSerializer = options_serializer(
+    "TailOptions",
+    TAIL,
+    "Extension: the tail's shape (LoRA on the base's top layers) and extras (all optional).",
+)
 
 
 @extend_schema_field(CarryOnOptionsSerializer)
@@ -491,7 +346,7 @@ def checkpoint_object(checkpoint: Checkpoint) -> dict[str, Any]:
         "id": checkpoint.id,
         "object": "fine_tuning.job.checkpoint",
         "created_at": unix(checkpoint.created_at),
-        "fine_tuned_model_checkpoint": checkpoint.model_name(job_model_name(checkpoint.job)),
+        "fine_tuned_model_checkpoint": checkpoint.model_name,
         "fine_tuning_job_id": checkpoint.job_id,
         "metrics": {
             "step": checkpoint.step,
@@ -517,87 +372,3 @@ class JobCheckpointListApi(ApiView):
             "job__base", "job__owner"
         )
         return Response(paginate(request, rows, checkpoint_object, order=("-step", "-pk")))
-
-
-# -- models ----------------------------------------------------------------------------------
-
-
-class ModelSerializer(serializers.Serializer):
-    id = serializers.CharField()
-    object = serializers.CharField(help_text="Always 'model'.")
-    created = serializers.IntegerField()
-    owned_by = serializers.CharField()
-    kind = serializers.ChoiceField(
-        choices=ADAPTER_KINDS, required=False, help_text="Extension, fine-tuned models: kind"
-    )
-    depth = serializers.IntegerField(
-        required=False, allow_null=True, help_text="Extension: a tail's depth (null: carry-on)"
-    )
-    preset = serializers.CharField(
-        required=False, allow_null=True, help_text="Extension: the preset it was trained with"
-    )
-
-
-def base_object(base: BaseModel) -> dict[str, Any]:
-    return {
-        "id": base.name,
-        "object": "model",
-        "created": unix(base.created_at),
-        "owned_by": "system",
-    }
-
-
-def adapter_object(adapter: Adapter) -> dict[str, Any]:
-    return {
-        "id": adapter.name,
-        "object": "model",
-        "created": unix(adapter.created_at),
-        "owned_by": adapter.owner.username,
-        "kind": adapter.kind,
-        "depth": adapter.depth,
-        "preset": adapter.preset or None,
-    }
-
-
-class ModelListSerializer(serializers.Serializer):
-    object = serializers.CharField(help_text="Always 'list'.")
-    data = ModelSerializer(many=True)
-
-
-class ModelListApi(ApiView):
-    @extend_schema(operation_id="listModels", responses={200: ModelListSerializer, **ERRORS})
-    def get(self, request: Request) -> Response:
-        bases = [base_object(b) for b in selectors.base_model_list()]
-        adapters = selectors.adapter_list(user=request.user, active_only=True)
-        owned = [adapter_object(a) for a in adapters.select_related("owner")]
-        return Response({"object": "list", "data": bases + owned})
-
-
-class ModelDetailApi(ApiView):
-    @extend_schema(operation_id="retrieveModel", responses={200: ModelSerializer, **ERRORS})
-    def get(self, request: Request, model: str) -> Response:
-        resolved = selectors.model_resolve(user=request.user, name=model)
-        if resolved.adapter_id is None:
-            return Response(base_object(resolved.base))
-        if resolved.adapter_id == model:  # an adapter (a checkpoint is named by its row's pk)
-            return Response(adapter_object(selectors.adapter_get(user=request.user, name=model)))
-        return Response(
-            {"id": model, "object": "model", "created": unix(resolved.base.created_at),
-             "owned_by": request.user.username}
-        )  # fmt: skip
-
-    @extend_schema(
-        operation_id="deleteModel",
-        responses={200: DeletedSerializer, 403: ErrorSerializer, **ERRORS},
-    )
-    def delete(self, request: Request, model: str) -> Response:
-        if selectors.base_model_list(enabled_only=False).filter(name=model).exists():
-            raise ApplicationError(
-                f"'{model}' is a base model; only your fine-tuned models can be deleted",
-                param="model",
-                code="permission_denied",
-                status=403,
-            )
-        adapter = selectors.adapter_get(user=request.user, name=model)
-        adapter_delete(adapter=adapter)
-        return Response({"id": model, "object": "model", "deleted": True})

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 # Shared services, as production wants them (nothing here connects to them).
@@ -26,9 +26,11 @@ SECRETS = {
 _OURS = ("DJANGO_", "DATABASE_URL", "CELERY_", "CARRY_ON_")
 
 
-def _manage(
-    tmp_path: Path, *args: str, settings: str | None = "webapp.settings.production", **env: str
+def _python(
+    tmp_path: Path, *argv: str, settings: str | None = "webapp.settings.production", **env: str
 ) -> subprocess.CompletedProcess[str]:
+    """``python *argv`` in the repository, with none of our variables but ``env`` (and the
+    settings module unless None), and its data folder under ``tmp_path``."""
     environment = {
         **{k: v for k, v in os.environ.items() if not k.startswith(_OURS)},
         "CARRY_ON_DATA_DIR": str(tmp_path),
@@ -36,7 +38,7 @@ def _manage(
         **env,
     }
     return subprocess.run(
-        [sys.executable, "manage.py", *args],
+        [sys.executable, *argv],
         cwd=REPO,
         env=environment,
         capture_output=True,
@@ -44,6 +46,13 @@ def _manage(
         timeout=120,
         check=False,
     )
+
+
+def _manage(
+    tmp_path: Path, *args: str, settings: str | None = "webapp.settings.production", **env: str
+) -> subprocess.CompletedProcess[str]:
+    """``manage.py *args``, on the production settings unless ``settings`` says otherwise."""
+    return _python(tmp_path, "manage.py", *args, settings=settings, **env)
 
 
 def test_check_deploy_passes_at_warning_level(tmp_path: Path) -> None:
@@ -129,18 +138,7 @@ def test_manage_without_settings_refuses_a_non_development_command(tmp_path: Pat
 
 def test_celery_app_without_settings_uses_the_production_ones(tmp_path: Path) -> None:
     """The Celery app never falls back to the local settings (DEBUG, a published key)."""
-    environment = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(_OURS)},
-        "CARRY_ON_DATA_DIR": str(tmp_path),
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", "import workers.celery_app, django.conf as c; c.settings.DEBUG"],
-        cwd=REPO,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    importing = "import workers.celery_app, django.conf as c; c.settings.DEBUG"
+    done = _python(tmp_path, "-c", importing, settings=None)
     assert done.returncode != 0
     assert "DJANGO_SECRET_KEY" in done.stderr

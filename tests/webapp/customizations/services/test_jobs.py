@@ -175,7 +175,7 @@ def test_auto_hyperparameters_resolve_from_the_data(
 def test_a_job_with_no_options_trains_the_core_default_carry_on(tiny_base_model: Any) -> None:
     """The web defaults are customization.config's: the ladder for the job's base, its lr."""
     from customization.config import CarryOnConfig, TrainingConfig, default_taps
-    from webapp.customizations.services.pipeline import job_carry_on_config, job_training_config
+    from webapp.customizations.services.planning import job_carry_on_config, job_training_config
 
     user = UserFactory()
     file = FileFactory(owner=user, content=toy_jsonl(12))

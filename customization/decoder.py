@@ -1,0 +1,348 @@
+"""The running decode batch of one base: many requests, adapters mixed, one base forward a step.
+
+The base forward does not depend on the carry-on, so a batch of sequences that use
+*different* carry-ons (or none) shares one base forward per decode step; each carry-on then
+runs only on its own rows, and the frozen LM head runs once over the merged states. This is
+the structural advantage over LoRA serving, where an adapter touches every layer.
+
+``BatchDecoder.add`` queues a request; each ``step`` then runs one decode forward for every
+running row and one prefill forward for joining ones (``prefill``: the prompts that arrived
+together in one forward, a long prompt one chunk per step), after which finished prompts
+sample their first token and join the batch (their cache merged in, the narrower side
+left-padded) and finished sequences leave it. Rows whose carry-ons share a shape run as one
+batched forward (``batched_carry_on``), the base's cache is written in place
+(``kv_cache``), and the base's intermediate states are asked for only when some row's
+carry-on reads them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from customization import batched_lora
+from customization.base_model import FrozenBase
+from customization.batched_carry_on import CarryOnGroup, shape_key
+from customization.carry_on import CarryOn
+from customization.config import GenerationConfig
+from customization.decode_state import DecodeCounters, DecodeSequence, ServedAdapter, StepOutput
+from customization.errors import ContextLengthError, CustomizationError
+from customization.prefill import Prefill, take_prompts
+from customization.sampling import releasable_text, sample_token
+from customization.tail import TailAdapter
+
+# Prompt tokens (padding included) one prefill forward may take: the most a step's prefill
+# can delay the running rows.
+DEFAULT_PREFILL_CHUNK = 256
+
+
+def _group_taps(
+    base: FrozenBase, hidden_states: Sequence[torch.Tensor], group: CarryOnGroup, rows: list[int]
+) -> list[torch.Tensor]:
+    """Each tap of a group's rows, (n, T, D_i); members may read different layers."""
+    index = torch.tensor(rows, device=hidden_states[0].device)
+    taps = []
+    for tap in range(len(group.config.taps)):
+        layers = [base.resolve_tap(c.config.taps[tap]) for c in group.carry_ons]
+        if len(set(layers)) == 1:
+            taps.append(hidden_states[layers[0]].index_select(0, index))
+        else:
+            taps.append(
+                torch.stack([hidden_states[i][r] for i, r in zip(layers, rows, strict=True)])
+            )
+    return taps
+
+
+class BatchDecoder:
+    """A running batch of sequences on one base, sharing the base forward per step."""
+
+    def __init__(
+        self,
+        base: FrozenBase,
+        *,
+        counters: DecodeCounters | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    ):
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
+        self.base = base
+        self.counters = counters if counters is not None else DecodeCounters()
+        self.prefill_chunk = prefill_chunk
+        self.sequences: list[DecodeSequence] = []  # the running batch, in cache row order
+        self._waiting: list[DecodeSequence] = []  # added, prefill not started
+        self._chunking: Prefill | None = None  # a long prompt part-way through its prefill
+        self._cache: Any = None
+        self._attention: torch.Tensor | None = None  # (B, L) 1 = real slot, 0 = left pad
+        # Running rows on carry-ons, by shape: each group is one batched forward per step.
+        self._groups: dict[tuple[Any, ...], CarryOnGroup] = {}
+        # Set once the base serves a tail: its linears then add per-row LoRA deltas.
+        self._tails: batched_lora.RowTails | None = getattr(base.model, "_carry_on_row_tails", None)
+
+    @property
+    def active(self) -> int:
+        """Sequences not finished: running, being prefilled or waiting for their prefill."""
+        chunking = len(self._chunking.sequences) if self._chunking is not None else 0
+        return len(self.sequences) + len(self._waiting) + chunking
+
+    def new_sequence(
+        self,
+        prompt_ids: Sequence[int],
+        config: GenerationConfig,
+        adapter: ServedAdapter | None = None,
+        *,
+        tag: Any = None,
+    ) -> DecodeSequence:
+        """Validate a request against the context window; does not start it."""
+        carry_on = adapter if isinstance(adapter, CarryOn) else None
+        tail = adapter if isinstance(adapter, TailAdapter) else None
+        if tail is not None:
+            self._check_tail(tail)
+        context = self.base.max_position_embeddings
+        if not prompt_ids:
+            raise ContextLengthError("the prompt is empty", param="messages")
+        if len(prompt_ids) >= context:
+            raise ContextLengthError(
+                f"the prompt is {len(prompt_ids)} tokens; this model's context window is "
+                f"{context} tokens",
+                param="messages",
+            )
+        if carry_on is not None and carry_on.config.n_bases > 1:
+            raise CustomizationError(
+                "this carry-on mixes several base models; generation serves carry-ons "
+                "that read one base",
+                param="model",
+                code="model_not_servable",
+            )
+        generator = None
+        if not config.greedy:
+            generator = torch.Generator(device="cpu")
+            if config.seed is not None:
+                generator.manual_seed(config.seed)
+            else:
+                generator.seed()
+        return DecodeSequence(
+            prompt_ids=list(prompt_ids),
+            config=config,
+            carry_on=carry_on,
+            tail=tail,
+            stop_token_ids=self.base.tokenizer.stop_token_ids,
+            generator=generator,
+            max_new_tokens=min(config.max_new_tokens, context - len(prompt_ids)),
+            tag=tag,
+        )
+
+    def _check_tail(self, tail: TailAdapter) -> None:
+        if tail.config.num_layers != self.base.num_layers:
+            raise CustomizationError(
+                f"this tail was made for a {tail.config.num_layers}-layer base; "
+                f"{self.base.name} has {self.base.num_layers}",
+                param="model",
+                code="model_not_servable",
+            )
+        if self._tails is None:  # the first tail this base serves: wrap its linears once
+            self._tails = batched_lora.install(self.base.model)
+
+    def _backbone(self, rows: Sequence[DecodeSequence], **inputs: Any) -> Any:
+        """One base forward; rows on tails get their LoRA deltas inside it.
+
+        The base's intermediate states are asked for only when a row's carry-on reads them.
+        """
+        inputs.setdefault("output_hidden_states", any(s.carry_on is not None for s in rows))
+        tails = self._tails
+        if tails is None or not any(s.tail is not None for s in rows):
+            return self.base.backbone(**inputs)
+        before = (tails.counters.delta_products, tails.counters.tail_rows)
+        tails.use([s.tail for s in rows])
+        try:
+            return self.base.backbone(**inputs)
+        finally:
+            tails.clear()
+            self.counters.tail_delta_products += tails.counters.delta_products - before[0]
+            self.counters.tail_rows += tails.counters.tail_rows - before[1]
+
+    def add(self, sequence: DecodeSequence) -> None:
+        """Queue ``sequence``: the next steps prefill it and it joins the running batch."""
+        self._waiting.append(sequence)
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """One token for every running sequence, then one prefill chunk for joining ones.
+
+        The outputs hold each sequence at most once: a running row's next token, or a
+        joining row's first token when its prompt's last chunk was in this step.
+        """
+        results = self._decode() if self.sequences else []
+        return results + self._prefill()
+
+    def _decode(self) -> list[StepOutput]:
+        """One shared base forward for the running rows, one token each."""
+        assert self._attention is not None
+        device = self.base.device
+        rows = list(self.sequences)
+        ids = torch.tensor([[s.generated[-1]] for s in rows], device=device)  # (B, 1)
+        positions = torch.tensor([[s.position] for s in rows], device=device)  # (B, 1)
+        ones = torch.ones((len(rows), 1), dtype=self._attention.dtype, device=device)
+        self._attention = torch.cat([self._attention, ones], dim=1)  # (B, L + 1)
+        outputs = self._backbone(
+            rows,
+            input_ids=ids,
+            attention_mask=self._attention,
+            position_ids=positions,
+            past_key_values=self._cache,
+            use_cache=True,
+        )
+        self._cache = outputs.past_key_values
+        self.counters.base_forwards += 1
+        self.counters.decode_steps += 1
+        self.counters.decode_rows += len(rows)
+        logits = self._decode_logits(outputs, rows, positions)
+        results = [self._accept(s, self._sample(logits[i], s)) for i, s in enumerate(rows)]
+        self._drop_finished()
+        return results
+
+    def _prefill(self) -> list[StepOutput]:
+        """At most one prefill forward: the waiting prompts that fit one chunk, together,
+        or else the next chunk of one long prompt. Rows whose prompt is done join."""
+        from customization.kv_cache import GrowingCache  # imports transformers
+
+        prompts = take_prompts(self._waiting, self.prefill_chunk)
+        if prompts:
+            cohort = Prefill(prompts, GrowingCache(), self.base.device)
+        elif self._chunking is not None:
+            cohort = self._chunking
+        elif self._waiting:
+            cohort = Prefill([self._waiting.pop(0)], GrowingCache(), self.base.device)
+            self._chunking = cohort
+        else:
+            return []
+        outputs = self._backbone(cohort.sequences, **cohort.chunk_inputs(self.prefill_chunk))
+        self.counters.base_forwards += 1
+        self.counters.prefill_forwards += 1
+        merged = cohort.absorb(self.base, outputs, self.counters)  # (n, D)
+        if not cohort.finished:
+            return []
+        if cohort is self._chunking:
+            self._chunking = None
+        logits = self.base.logits(merged).float()  # (n, V)
+        rows = cohort.sequences
+        results = [self._accept(s, self._sample(logits[i], s)) for i, s in enumerate(rows)]
+        self._join(cohort)
+        return results
+
+    def _decode_logits(
+        self, outputs: Any, rows: Sequence[DecodeSequence], positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits (B, V): each shape group's carry-ons as one batched forward, then the head.
+
+        Base and tail rows are the base's final states untouched.
+        """
+        final = outputs.last_hidden_state  # (B, 1, D)
+        merged = final[:, -1, :].clone()  # (B, D)
+        where = {id(s): row for row, s in enumerate(rows)}
+        for group in self._groups.values():
+            members = [where[id(m)] for m in group.members]
+            index = torch.tensor(members, device=final.device)
+            out = group.forward(
+                _group_taps(self.base, outputs.hidden_states, group, members),
+                final.index_select(0, index),
+                positions.index_select(0, index),
+            )  # (n, 1, D)
+            merged[index] = out[:, -1]
+            self.counters.carry_on_batches += 1
+            self.counters.carry_on_forwards += len(group)
+        return self.base.logits(merged).float()
+
+    def cancel(self, sequence: DecodeSequence) -> None:
+        """Remove a sequence (e.g. its client went away) without finishing it."""
+        if sequence in self._waiting:
+            self._waiting.remove(sequence)
+        elif self._chunking is not None and sequence in self._chunking.sequences:
+            self._chunking = None  # a long prompt prefills alone: the cohort is this one
+        elif sequence not in self.sequences:
+            return
+        sequence.finish_reason = sequence.finish_reason or "stop"
+        self._drop_finished()
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, sequence: DecodeSequence) -> int:
+        return sample_token(
+            logits,
+            sequence.config,
+            prompt_ids=sequence.prompt_ids,
+            generated=sequence.generated,
+            generator=sequence.generator,
+        )
+
+    def _accept(self, sequence: DecodeSequence, token: int) -> StepOutput:
+        if token in sequence.stop_token_ids:
+            sequence.finish_reason = "stop"
+            return StepOutput(sequence, token, self._release(sequence))
+        sequence.generated.append(token)
+        if len(sequence.generated) >= sequence.max_new_tokens:
+            sequence.finish_reason = "length"
+        return StepOutput(sequence, token, self._release(sequence))
+
+    def _release(self, sequence: DecodeSequence) -> str:
+        """The text newly released by the sequence's last token (maybe none)."""
+        text, stopped = releasable_text(
+            self.base.tokenizer.decode(sequence.generated),
+            sequence.text,
+            sequence.config.stop,
+            finished=sequence.finished,
+        )
+        if stopped:
+            sequence.finish_reason = "stop"
+        if not text.startswith(sequence.text):
+            # Rare: detokenization changed an earlier character; release nothing new.
+            return ""
+        delta = text[len(sequence.text) :]
+        sequence.text = text
+        return delta
+
+    def _join(self, cohort: Prefill) -> None:
+        """The cohort's unfinished rows enter the batch with their caches."""
+        from customization.kv_cache import concat_left_padded, trim_padding
+
+        keep = [i for i, s in enumerate(cohort.sequences) if not s.finished]
+        if not keep:
+            return
+        cache, mask = cohort.cache, cohort.mask
+        if len(keep) < len(cohort.sequences):
+            cache.batch_select_indices(torch.tensor(keep, device=self.base.device))
+            mask = mask[keep]
+        cache, mask = trim_padding(cache, mask)
+        if self._cache is None:
+            self._cache, self._attention = cache, mask
+        else:
+            assert self._attention is not None
+            self._cache, self._attention = concat_left_padded(
+                (self._cache, self._attention), (cache, mask)
+            )
+        for row in keep:
+            sequence, carry_on_cache = cohort.sequences[row], cohort.carry_on_caches[row]
+            if sequence.carry_on is not None:
+                assert carry_on_cache is not None
+                group = self._groups.setdefault(shape_key(sequence.carry_on), CarryOnGroup())
+                group.add(sequence, sequence.carry_on, carry_on_cache)
+            self.sequences.append(sequence)
+
+    def _drop_finished(self) -> None:
+        from customization.kv_cache import trim_padding
+
+        keep = [i for i, s in enumerate(self.sequences) if not s.finished]
+        if len(keep) == len(self.sequences):
+            return
+        self.sequences = [self.sequences[i] for i in keep]
+        for key, group in list(self._groups.items()):
+            group.keep([i for i, member in enumerate(group.members) if not member.finished])
+            if not len(group):
+                del self._groups[key]
+        if not keep:
+            self._cache, self._attention = None, None
+            return
+        assert self._attention is not None
+        self._cache.batch_select_indices(torch.tensor(keep, device=self.base.device))
+        # Slots that are padding for every remaining row can go.
+        self._cache, self._attention = trim_padding(self._cache, self._attention[keep])
