@@ -86,6 +86,12 @@ class BatchDecoder:
         chunking = len(self._chunking.sequences) if self._chunking is not None else 0
         return len(self.sequences) + len(self._waiting) + chunking
 
+    @property
+    def unfinished(self) -> list[DecodeSequence]:
+        """Every sequence not finished: running, being prefilled or waiting for its prefill."""
+        chunking = list(self._chunking.sequences) if self._chunking is not None else []
+        return [*self.sequences, *chunking, *self._waiting]
+
     def new_sequence(
         self,
         prompt_ids: Sequence[int],

@@ -33,7 +33,7 @@ from customization.carry_on import CarryOn
 from customization.checkpoint import load_adapter
 from customization.config import GenerationConfig
 from customization.decode_state import DecodeCounters, DecodeSequence, ServedAdapter
-from customization.decoder import BatchDecoder
+from customization.decoder import DEFAULT_PREFILL_CHUNK, BatchDecoder
 from customization.errors import CustomizationError, EngineOverloaded
 
 logger = logging.getLogger(__name__)
@@ -206,11 +206,12 @@ def collect_choices(events: Iterable[Event], n: int) -> list[tuple[str, str]]:
 class _BaseWorker:
     """The decode loop of one base: admits queued sequences, steps the batch."""
 
-    def __init__(self, base: FrozenBase, max_batch_size: int):
+    def __init__(self, base: FrozenBase, max_batch_size: int, prefill_chunk: int):
         self.base = base
         self.max_batch_size = max_batch_size
+        self.prefill_chunk = prefill_chunk
         self.counters = DecodeCounters()  # survives decoder resets
-        self.decoder = BatchDecoder(base, counters=self.counters)
+        self.decoder = self._new_decoder()
         self.waiting: queue.Queue[tuple[DecodeSequence, Completion, int]] = queue.Queue()
         self._owners: dict[int, tuple[Completion, int]] = {}
         self._wake = threading.Event()
@@ -259,8 +260,12 @@ class _BaseWorker:
             self._owners[id(sequence)] = (completion, index)
             self.decoder.add(sequence)  # prefilled by the next steps, its first token emitted
 
+    def _new_decoder(self) -> BatchDecoder:
+        return BatchDecoder(self.base, counters=self.counters, prefill_chunk=self.prefill_chunk)
+
     def _drop_cancelled(self) -> None:
-        for sequence in list(self.decoder.sequences):
+        # Queued and part-prefilled sequences too: a cancelled request never runs its prefill.
+        for sequence in self.decoder.unfinished:
             completion, _ = self._owners[id(sequence)]
             if completion.cancelled.is_set():
                 self.decoder.cancel(sequence)
@@ -283,14 +288,14 @@ class _BaseWorker:
         for completion, index in list(self._owners.values()):
             completion._events.put(Event(index, error=error))
         self._owners.clear()
-        self.decoder = BatchDecoder(self.base, counters=self.counters)
+        self.decoder = self._new_decoder()
 
 
 @dataclass(frozen=True)
 class EngineStats:
     """What an engine is doing now, per base name, and its adapter cache."""
 
-    batch_size: dict[str, int]  # sequences in the running decode batch
+    batch_size: dict[str, int]  # sequences in the decode batch, those being prefilled included
     waiting: dict[str, int]  # sequences queued for the batch
     counters: dict[str, dict[str, int]]  # DecodeCounters.as_dict() (cumulative)
     adapters_cached: int
@@ -309,9 +314,11 @@ class ServingEngine:
         max_batch_size: int = 8,
         max_pending: int = 32,
         adapter_cache_bytes: int = 512 * 1024 * 1024,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ):
         self._base_loader = base_loader
         self.max_batch_size = max_batch_size
+        self.prefill_chunk = prefill_chunk
         self.max_pending = max_pending
         self.adapters = AdapterCache(adapter_cache_bytes)
         self._workers: dict[str, _BaseWorker] = {}
@@ -326,7 +333,9 @@ class ServingEngine:
             worker = self._workers.get(name)
             if worker is None:
                 started = time.perf_counter()
-                worker = _BaseWorker(self._base_loader(name), self.max_batch_size)
+                worker = _BaseWorker(
+                    self._base_loader(name), self.max_batch_size, self.prefill_chunk
+                )
                 self._workers[name] = worker
                 logger.info("loaded base %s in %.1f s", name, time.perf_counter() - started)
             return worker

@@ -265,3 +265,34 @@ def test_a_cold_tail_load_reads_each_file_once(base, tmp_path, monkeypatch):
     AdapterCache(max_bytes=1 << 30).get(ref, base)
     monkeypatch.undo()
     assert sorted(opened) == sorted([PEFT_WEIGHTS_FILE, PEFT_CONFIG_FILE, TAIL_FILE])
+
+
+def test_the_engines_prefill_chunk_reaches_its_decoder(base):
+    """A long prompt through the engine is prefilled one chunk per step, of the configured
+    size, and gives what the unchunked decoder gives."""
+    prompt = _prompt(base, "a long question " * 6)
+    results, prefills = [], []
+    for chunk in (4, len(prompt) + 1):
+        engine = _engine(base, prefill_chunk=chunk)
+        results.append(engine.submit("tiny", prompt, GREEDY).result(timeout=30))
+        prefills.append(engine.counters("tiny").prefill_forwards)
+        engine.shutdown()
+    assert results[0] == results[1]
+    assert prefills == [-(-len(prompt) // 4), 1]
+
+
+def test_unfinished_sequences_include_those_waiting_for_their_prefill(base):
+    """What the engine's cancel sweep walks: queued, part-prefilled and running sequences,
+    so a request cancelled before its prefill is dropped without running it."""
+    from customization.decoder import BatchDecoder
+
+    decoder = BatchDecoder(base, prefill_chunk=4)
+    first = decoder.new_sequence(_prompt(base, "a long question " * 6), GREEDY)
+    second = decoder.new_sequence(_prompt(base, "hi"), GREEDY)
+    decoder.add(first)
+    decoder.add(second)
+    assert decoder.unfinished == [first, second]  # both waiting
+    decoder.step()  # the short prompt is prefilled first; the long one starts its chunks
+    assert {id(s) for s in decoder.unfinished} == {id(first), id(second)}
+    decoder.cancel(first)
+    assert [id(s) for s in decoder.unfinished] == [id(second)]

@@ -39,6 +39,7 @@ def get_engine() -> Any:
                 max_batch_size=int(options["SERVING_MAX_BATCH"]),
                 max_pending=int(options["SERVING_MAX_PENDING"]),
                 adapter_cache_bytes=int(options["SERVING_ADAPTER_CACHE_BYTES"]),
+                prefill_chunk=int(options["SERVING_PREFILL_CHUNK"]),
             )
             _sampler = EngineSampler(_engine)  # its figures for /metrics
             _sampler.start()

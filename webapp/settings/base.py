@@ -259,6 +259,9 @@ CARRY_ON = {
     "SERVING_MAX_PENDING": int(os.environ.get("CARRY_ON_SERVING_MAX_PENDING", "16")),
     # of which one user may hold at most this many (per web process)
     "SERVING_MAX_PER_USER": int(os.environ.get("CARRY_ON_SERVING_MAX_PER_USER", "8")),
+    # a prompt longer than this many tokens is prefilled one chunk per decode step, so a long
+    # prompt joining never stalls the running requests for its whole length
+    "SERVING_PREFILL_CHUNK": int(os.environ.get("CARRY_ON_SERVING_PREFILL_CHUNK", "256")),
     "SERVING_ADAPTER_CACHE_BYTES": int(
         os.environ.get("CARRY_ON_SERVING_ADAPTER_CACHE_BYTES", str(512 * 1024 * 1024))
     ),
