@@ -206,7 +206,7 @@ TAIL_ROWS: tuple[tuple[str, str, dict[str, Any]], ...] = (
 def _tail_variant(
     description: str, *, layers: int, lr: float = 2e-3, epochs: int = 3
 ) -> dict[str, Any]:
-    """A base-initialised tail (``bench.tail``): the top ``layers`` base layers + LoRA."""
+    """A tail (``customization/tail.py``): the top ``layers`` base layers + LoRA."""
     return {
         "kind": "tail",
         "description": description,
@@ -351,42 +351,38 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_tail(spec: dict[str, Any]) -> dict[str, Any]:
-    """A base-initialised tail on the same cached states (``bench.tail``)."""
-    from bench.lora import train_adapter
-    from bench.tail import Tail
-    from customization.config import TrainingConfig
+    """A tail on the same cached states, through the product's path: ``load_training_node``
+    (the top layers, the final norm and the head, never the layers below), the pipeline's
+    ``train`` and ``save``."""
+    from bench.train_runs import train_with_history
+    from customization.base_model import BaseFingerprint
+    from customization.config import TailConfig, TrainingConfig
     from customization.features import FeatureSet
+    from customization.pipeline import save
+    from customization.training import FeatureLayout, evaluate, load_training_node
 
     variant = spec["variant"]
     started = time.perf_counter()
-    tail = Tail(Path(spec["base_dir"]), variant["tail_layers"], seed=spec["seed"])
-    states = [(0, tail.input_state)]  # the only state a tail reads
+    fingerprint = BaseFingerprint.from_dict(spec["fingerprint"])
+    config = TailConfig(depth=variant["tail_layers"]).resolved(num_layers=fingerprint.num_layers)
+    states = [(0, config.first_layer)]  # the only state a tail reads
     train = FeatureSet.open(spec["train_dir"]).load(states=states)
     held_out = FeatureSet.open(spec["heldout_dir"]).load(states=states)
+    tail, head = load_training_node(spec["base_dir"], config, seed=spec["seed"])
     setup = time.perf_counter() - started
     training = TrainingConfig(
         batch_size=spec["batch_size"], seed=spec["seed"], **variant["training"]
     )
-    chunk = training.loss_chunk_tokens
-    tail.model.eval()
-    init_loss = tail.held_out_loss(held_out, training)
-    history: list[dict[str, Any]] = []
+    layout = FeatureLayout.for_model(held_out, tail, fingerprint.num_layers)
+    init_loss = evaluate(tail, held_out, layout, head, batch_size=training.batch_size)["loss"]
     started = time.perf_counter()
-    train_adapter(
-        tail.trainable,
-        train.examples,
-        lambda batch: tail.loss(batch, chunk),
-        lambda: tail.held_out_loss(held_out, training),
-        training,
-        history.append,
-        modules=[tail.model],
+    result, history = train_with_history(
+        tail, train, held_out, head, training, fingerprint=fingerprint
     )
     training_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    saved = tail.save(Path(spec["out_dir"]))
-    best = min(history, key=lambda m: m["valid_loss"])
+    info = save(result.carry_on, Path(spec["out_dir"]), fingerprint=fingerprint)
     n_tokens = sum(len(e.input_ids) for e in train.examples)
-    width = int(tail.head.shape[1])
     return {
         "setup_seconds": setup,
         "training_seconds": training_seconds,
@@ -397,11 +393,12 @@ def run_tail(spec: dict[str, Any]) -> dict[str, Any]:
             for m in history
         ],
         # The keep-best a job would return, as the carry-on runs report it.
-        "best_valid_loss": best["valid_loss"],
-        "best_epoch": best["epoch"],
-        "stopped_early": False,
-        **saved,
-        "feature_bytes": _feature_bytes(n_tokens, width, 1, variant["storage"]),
+        "best_valid_loss": result.best_valid_loss,
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+        "parameters": info.num_parameters,
+        "artifact_bytes": info.nbytes,
+        "feature_bytes": _feature_bytes(n_tokens, int(head.shape[1]), 1, variant["storage"]),
         "n_states": 1,
     }
 
@@ -667,7 +664,9 @@ def markdown(results: dict[str, Any]) -> str:
         "others: the share of the machine other processes took during the run; compare "
         "times only between rows with a similar share, losses freely (they do not depend on "
         "the load). Rows `tail*` are not carry-ons but the base's own top layers re-run "
-        "with LoRA (`bench/tail.py`); their peak RSS includes loading the base once.\n\n",
+        "with LoRA, trained as a job trains a tail (`customization/tail.py`, "
+        "`load_training_node`: the top layers, final norm and head only; rows measured "
+        "before 2026-12-01 used the research probe `bench/tail.py` that preceded it).\n\n",
         f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
         f"torch {machine.get('torch', '?')}, last run {machine.get('date', '?')}.\n",
     ]
