@@ -72,11 +72,28 @@ def test_stored_tokenization_keeps_ids_of_any_size(tiny_base_model: Any) -> None
         TokenizedExample([5, 70_000, 2**31, 7, 8], [0, 1, 1, 0, 1], line=1),
         TokenizedExample([1, 2], [0, 1], line=3),
     ]
-    files._write_tokenization(file.path, tiny_base_model, examples, max_length=16)
+    files._write_tokenization(
+        file.path, tiny_base_model, examples, max_length=16, within_bytes=1 << 20
+    )
     stored = file_tokenization(file=file, base=tiny_base_model)
     assert stored is not None
     assert stored.id_bytes == 4
     assert stored.examples([1, 3]) == examples
+
+
+def test_a_tokenization_larger_than_its_upload_allows_is_not_kept(tiny_base_model: Any) -> None:
+    """The quota counts uploads only, so the stored tokenization is bounded by the upload's
+    size; past it nothing is kept and a job tokenizes instead."""
+    from customization.tokenizer import TokenizedExample
+    from webapp.customizations.artifacts import upload_tokens_path
+    from webapp.customizations.services import files
+
+    file = _upload(UserFactory(), toy_jsonl(2))
+    data_path(upload_tokens_path(file.path)).unlink()
+    examples = [TokenizedExample(list(range(400)), [1] * 400, line=1)]
+    files._write_tokenization(file.path, tiny_base_model, examples, max_length=512, within_bytes=64)
+    assert not data_path(upload_tokens_path(file.path)).exists()
+    assert file_tokenization(file=file, base=tiny_base_model) is None
 
 
 def test_malformed_upload_reports_each_problem_with_its_line(tiny_base_model: Any) -> None:

@@ -163,7 +163,13 @@ def file_create(
         quota_check_storage(user=user, adding=len(data))
         write_bytes_atomic(data_path(relative), data)
         if base is not None and tokenized and report["ok"]:
-            _write_tokenization(relative, base, tokenized, max_length=report["token_limit"])
+            _write_tokenization(
+                relative,
+                base,
+                tokenized,
+                max_length=report["token_limit"],
+                within_bytes=len(data) + TOKENS_ALLOWANCE,
+            )
         file.path = relative
         file.save()
     return file
@@ -192,8 +198,11 @@ def _tokenizer_key(base: BaseModel) -> str:
 # most 8/3 bytes a token (16/3 with 4-byte ids) plus about 20 bytes an example; with
 # SmolLM2 it measured 0.29-0.81x the upload (GSM8K 0.45x, one-word examples 0.66x, random
 # CJK text 0.81x), so about 30-50 MiB for an upload at the 64 MiB limit, and a token per
-# upload byte (what the tiniest examples reach) bounds it near 2.7x.
+# upload byte (what the tiniest examples reach) bounds it near 2.7x. The storage quota counts
+# the upload only, so a tokenization larger than the upload (plus a small allowance) is not
+# kept: the disk a user holds stays within twice their quota, and such a file's jobs tokenize.
 TOKENS_FORMAT_VERSION = 2
+TOKENS_ALLOWANCE = 4096
 
 
 def _spans(mask: list[int]) -> list[list[int]]:
@@ -212,9 +221,15 @@ def _id_format(id_bytes: int, n: int) -> str:
 
 
 def _write_tokenization(
-    upload: str, base: BaseModel, tokenized: list[TokenizedExample], *, max_length: int
+    upload: str,
+    base: BaseModel,
+    tokenized: list[TokenizedExample],
+    *,
+    max_length: int,
+    within_bytes: int,
 ) -> None:
-    """Keep what validation tokenized, so a job on this base does not tokenize it again."""
+    """Keep what validation tokenized, so a job on this base does not tokenize it again;
+    nothing is kept when it would take more than ``within_bytes``."""
     ids = [i for t in tokenized for i in t.input_ids]
     id_bytes = 2 if max(ids) < 2**16 else 4
     packed = zlib.compress(struct.pack(_id_format(id_bytes, len(ids)), *ids))
@@ -228,7 +243,9 @@ def _write_tokenization(
         "id_bytes": id_bytes,
         "ids": base64.b64encode(packed).decode(),
     }
-    write_bytes_atomic(data_path(upload_tokens_path(upload)), json.dumps(sidecar).encode())
+    encoded = json.dumps(sidecar).encode()
+    if len(encoded) <= within_bytes:
+        write_bytes_atomic(data_path(upload_tokens_path(upload)), encoded)
 
 
 @dataclass(frozen=True)
