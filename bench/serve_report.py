@@ -104,13 +104,16 @@ def _scale_markdown(scale: dict[str, Any]) -> str:
             f"{churn['clients']} clients at once; the cache bound is "
             f"{fmt(churn['cache_bound_bytes'] / (1024 * 1024), 2)} MiB ({churn['cache_entries']} "
             "loaded adapters); all hot: the same requests over as many adapters as the cache "
-            f"holds, loaded before. Churn / all hot: {_times(churn['churn_vs_all_hot'], 3)}.\n\n",
+            f"holds, loaded before. Churn / all hot: {_times(churn['churn_vs_all_hot'], 3)}. "
+            "The all-hot run goes first and brings the allocator to the batch's working set; "
+            "what the process holds after churn beyond that: "
+            f"{fmt(churn.get('churn_rss_over_all_hot_bytes', 0) / (1024 * 1024), 1)} MiB.\n\n",
             _churn_table(churn),
             f"\n## Cold loads: {cold['loads']} misses among {cold['adapters_on_disk']} "
             "adapters on disk\n\n",
             f"Each adapter is a {fmt(cold['artifact_bytes'] / 1024, 0)} KiB carry-on folder "
-            f"(written in {fmt(cold['write_seconds'], 1)} s, so in the OS page cache); a "
-            "miss reads, hashes and checks it as the serving cache does.\n\n",
+            f"(written and flushed to disk in {fmt(cold['write_seconds'], 1)} s, so in the OS "
+            "page cache); a miss reads, hashes and checks it as the serving cache does.\n\n",
             percentiles,
             f"\n## A {join['prompt_tokens']}-token prompt joining {join['running']} running "
             "requests\n\n",

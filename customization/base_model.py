@@ -253,6 +253,36 @@ class FrozenBase:
         """The decoder without its LM head (hidden_states[-1] is already normed)."""
         return self.model.get_decoder()
 
+    def backbone_forward(self, *, states: bool = False, **inputs: Any) -> Any:
+        """One backbone forward; with ``states``, ``outputs.hidden_states`` as transformers
+        lays them out (the embeddings, each layer's output, the final normed state last).
+
+        The states are recorded by hooks on the decoder layers, put on for this forward
+        only: transformers' own ``output_hidden_states`` walks and patches every module of
+        the model on each call, which costs a one-token decode step several per cent.
+        """
+        layers = getattr(self.backbone, "layers", None)
+        if not states or layers is None or not len(layers):
+            return self.backbone(**inputs, output_hidden_states=states)
+        recorded: list[torch.Tensor] = []
+
+        def layer_input(module: Any, args: Any, kwargs: Any) -> None:
+            recorded.append(args[0] if args else kwargs["hidden_states"])
+
+        def layer_output(module: Any, args: Any, output: Any) -> None:
+            recorded.append(output[0] if isinstance(output, tuple) else output)
+
+        handles = [layers[0].register_forward_pre_hook(layer_input, with_kwargs=True)]
+        handles += [layer.register_forward_hook(layer_output) for layer in layers]
+        try:
+            outputs = self.backbone(**inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        recorded[-1] = outputs.last_hidden_state  # the last layer's output, normed
+        outputs.hidden_states = tuple(recorded)
+        return outputs
+
     @property
     def device(self) -> torch.device:
         device: torch.device = self.lm_head.weight.device

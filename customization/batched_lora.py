@@ -26,6 +26,8 @@ from customization.tail import TailAdapter
 
 # (row indices (n,), A (n, in, r), B (n, r, out), scaling (n, 1, 1))
 Plan = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# Row layouts whose stacked weights are kept: a decode forward's and a prefill forward's.
+KEPT_LAYOUTS = 2
 
 
 @dataclass
@@ -34,6 +36,7 @@ class LoraCounters:
 
     delta_products: int = 0  # batched (A, B) product pairs run, one per layer and module
     tail_rows: int = 0  # rows on a tail, summed over forwards
+    stacked: int = 0  # rows' weights stacked for a layer and module (when the rows change)
 
 
 class RowTails:
@@ -43,18 +46,38 @@ class RowTails:
         self.counters = counters if counters is not None else LoraCounters()
         self._tails: list[TailAdapter | None] = []
         self._plans: dict[tuple[int, str], Plan | None] = {}
+        self.active = False  # some row of the current forward is on a tail
+        # Row layout (the tails' ids, row by row) -> (those tails, their plans), oldest first.
+        self._layouts: dict[tuple[int, ...], tuple[list[TailAdapter | None], dict[Any, Any]]] = {}
 
     def use(self, tails: Sequence[TailAdapter | None]) -> None:
+        """Say which tail each row of the next forward uses.
+
+        The stacked weights of a row layout are kept while it recurs: a running batch
+        keeps its rows for many steps, so stacking (a copy of every row's LoRA weights)
+        happens when rows join or leave, not every step. The layouts of the last
+        ``KEPT_LAYOUTS`` forwards are kept (a step alternates the running rows' decode
+        forward with a joining cohort's prefill forward).
+        """
         self._tails = list(tails)
-        self._plans = {}
+        self.active = any(t is not None for t in self._tails)
+        key = tuple(id(t) for t in self._tails)
+        kept = self._layouts.pop(key, None)
+        if kept is None or any(a is not b for a, b in zip(kept[0], self._tails, strict=True)):
+            kept = (self._tails, {})
+        self._layouts[key] = kept  # now the newest
+        while len(self._layouts) > KEPT_LAYOUTS:
+            del self._layouts[next(iter(self._layouts))]
+        self._plans = kept[1]
         self.counters.tail_rows += sum(t is not None for t in tails)
 
     def clear(self) -> None:
-        self._tails, self._plans = [], {}
+        self._tails, self._plans, self.active = [], {}, False
 
-    @property
-    def active(self) -> bool:
-        return any(t is not None for t in self._tails)
+    def forget(self) -> None:
+        """Drop every kept layout (and the references to the tails they hold)."""
+        self.clear()
+        self._layouts.clear()
 
     def plan(self, layer: int, name: str, device: torch.device) -> Plan | None:
         key = (layer, name)
@@ -79,7 +102,7 @@ class RowTails:
             b_list.append(nn.functional.pad(b.T, (0, 0, 0, pad)))  # (R, out)
         index = torch.tensor([row for row, _ in rows], device=device)
         scaling = torch.tensor([tail.scaling for _, tail in rows], device=device)
-        self.counters.delta_products += 1
+        self.counters.stacked += 1
         return index, torch.stack(a_list), torch.stack(b_list), scaling.view(-1, 1, 1)
 
 
@@ -103,6 +126,7 @@ class BatchedLoraLinear(nn.Module):
         if plan is None:
             return y
         index, a, b, scaling = plan
+        self.rows.counters.delta_products += 1
         picked = x.index_select(0, index).to(a.dtype)  # (n, T, in)
         delta = torch.bmm(torch.bmm(picked, a), b) * scaling  # (n, T, out)
         return y.index_add(0, index, delta.to(y.dtype))

@@ -9,7 +9,10 @@ the structural advantage over LoRA serving, where an adapter touches every layer
 running row and one prefill forward for joining ones (``prefill``: the prompts that arrived
 together in one forward, a long prompt one chunk per step), after which finished prompts
 sample their first token and join the batch (their cache merged in, the narrower side
-left-padded) and finished sequences leave it. Rows whose carry-ons share a shape run as one
+left-padded) and finished sequences leave it. While rows are running, the chunks of a long
+prompt are paced to about one of their decode steps (measured: a few dozen tokens on two
+CPU cores, far more on a GPU), so it delays the others' next token by at most about one
+step however long it is. Rows whose carry-ons share a shape run as one
 batched forward (``batched_carry_on``), the base's cache is written in place
 (``kv_cache``), and the base's intermediate states are asked for only when some row's
 carry-on reads them.
@@ -17,6 +20,7 @@ carry-on reads them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,9 +37,15 @@ from customization.prefill import Prefill, take_prompts
 from customization.sampling import releasable_text, sample_token
 from customization.tail import TailAdapter
 
-# Prompt tokens (padding included) one prefill forward may take: the most a step's prefill
-# can delay the running rows.
+# Prompt tokens (padding included) one prefill forward may take: prompts that fit in it
+# together are prefilled in one forward, a longer prompt in chunks.
 DEFAULT_PREFILL_CHUNK = 256
+# While rows are running, each chunk of a long prompt is paced to take at most this share
+# of their decode step (as measured), so the prompt delays their next token by about one
+# step at most however long it is; how many tokens fit depends on the machine, so it is
+# learned, never below MIN_PREFILL_CHUNK tokens (nor above the prefill chunk).
+PREFILL_SHARE_OF_STEP = 0.8
+MIN_PREFILL_CHUNK = 16
 
 
 def _group_taps(
@@ -64,12 +74,18 @@ class BatchDecoder:
         *,
         counters: DecodeCounters | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        pace_prefill: bool = True,
     ):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
         self.base = base
         self.counters = counters if counters is not None else DecodeCounters()
         self.prefill_chunk = prefill_chunk
+        # Pacing (``pace_prefill``): the running rows' decode step in seconds (a moving
+        # average) and the chunk learned to fit in it.
+        self.pace_prefill = pace_prefill
+        self._step_seconds: float | None = None
+        self._paced_chunk = min(MIN_PREFILL_CHUNK, prefill_chunk)
         self.sequences: list[DecodeSequence] = []  # the running batch, in cache row order
         self._waiting: list[DecodeSequence] = []  # added, prefill not started
         self._chunking: Prefill | None = None  # a long prompt part-way through its prefill
@@ -155,14 +171,14 @@ class BatchDecoder:
 
         The base's intermediate states are asked for only when a row's carry-on reads them.
         """
-        inputs.setdefault("output_hidden_states", any(s.carry_on is not None for s in rows))
+        states = inputs.pop("output_hidden_states", any(s.carry_on is not None for s in rows))
         tails = self._tails
         if tails is None or not any(s.tail is not None for s in rows):
-            return self.base.backbone(**inputs)
+            return self.base.backbone_forward(states=states, **inputs)
         before = (tails.counters.delta_products, tails.counters.tail_rows)
         tails.use([s.tail for s in rows])
         try:
-            return self.base.backbone(**inputs)
+            return self.base.backbone_forward(states=states, **inputs)
         finally:
             tails.clear()
             self.counters.tail_delta_products += tails.counters.delta_products - before[0]
@@ -185,6 +201,7 @@ class BatchDecoder:
     def _decode(self) -> list[StepOutput]:
         """One shared base forward for the running rows, one token each."""
         assert self._attention is not None
+        started = time.perf_counter()
         device = self.base.device
         rows = list(self.sequences)
         ids = torch.tensor([[s.generated[-1]] for s in rows], device=device)  # (B, 1)
@@ -204,9 +221,28 @@ class BatchDecoder:
         self.counters.decode_steps += 1
         self.counters.decode_rows += len(rows)
         logits = self._decode_logits(outputs, rows, positions)
+        seconds = time.perf_counter() - started
+        previous = self._step_seconds
+        self._step_seconds = seconds if previous is None else 0.7 * previous + 0.3 * seconds
         results = [self._accept(s, self._sample(logits[i], s)) for i, s in enumerate(rows)]
         self._drop_finished()
         return results
+
+    def _chunk_budget(self) -> int:
+        """Tokens the next chunk of a long prompt may take: the whole prefill chunk when
+        nobody is waiting for a token, else the paced chunk."""
+        if not self.pace_prefill or not self.sequences or self._step_seconds is None:
+            return self.prefill_chunk
+        return self._paced_chunk
+
+    def _pace(self, tokens: int, seconds: float) -> None:
+        """After a prefill forward of ``tokens`` tokens that made running rows wait: size the
+        next one to take PREFILL_SHARE_OF_STEP of their step (at most doubling at once)."""
+        if not self.pace_prefill or self._step_seconds is None or seconds <= 0:
+            return
+        fit = int(tokens * PREFILL_SHARE_OF_STEP * self._step_seconds / seconds)
+        floor = min(MIN_PREFILL_CHUNK, self.prefill_chunk)
+        self._paced_chunk = max(floor, min(fit, 2 * self._paced_chunk, self.prefill_chunk))
 
     def _prefill(self) -> list[StepOutput]:
         """At most one prefill forward: the waiting prompts that fit one chunk, together,
@@ -223,7 +259,12 @@ class BatchDecoder:
             self._chunking = cohort
         else:
             return []
-        outputs = self._backbone(cohort.sequences, **cohort.chunk_inputs(self.prefill_chunk))
+        paced = cohort is self._chunking
+        started = time.perf_counter()
+        inputs = cohort.chunk_inputs(self._chunk_budget() if paced else self.prefill_chunk)
+        outputs = self._backbone(cohort.sequences, **inputs)
+        if paced and self.sequences:  # running rows waited for this chunk
+            self._pace(int(inputs["input_ids"].numel()), time.perf_counter() - started)
         self.counters.base_forwards += 1
         self.counters.prefill_forwards += 1
         merged = cohort.absorb(self.base, outputs, self.counters)  # (n, D)
@@ -347,6 +388,8 @@ class BatchDecoder:
                 del self._groups[key]
         if not keep:
             self._cache, self._attention = None, None
+            if self._tails is not None:
+                self._tails.forget()  # no row left: let go of the tails' stacked weights
             return
         assert self._attention is not None
         self._cache.batch_select_indices(torch.tensor(keep, device=self.base.device))

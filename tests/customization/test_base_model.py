@@ -42,6 +42,21 @@ def test_hidden_states_at_taps_match_the_model_outputs(base: FrozenBase) -> None
         assert torch.equal(tap, expected[index])
 
 
+def test_states_recorded_by_hooks_equal_transformers_hidden_states(base: FrozenBase) -> None:
+    """``backbone_forward(states=True)`` records what ``output_hidden_states`` returns, bit
+    for bit, and takes its hooks off again; without ``states`` it asks for none."""
+    ids = _ids(base, "record every state", "and leave no hook")
+    with torch.inference_mode():
+        expected = base.backbone(input_ids=ids, output_hidden_states=True).hidden_states
+        recorded = base.backbone_forward(states=True, input_ids=ids).hidden_states
+        plain = base.backbone_forward(input_ids=ids)
+    assert len(recorded) == len(expected) == base.num_layers + 1
+    assert all(torch.equal(a, b) for a, b in zip(recorded, expected, strict=True))
+    assert plain.hidden_states is None
+    layers = base.backbone.layers
+    assert not any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)
+
+
 def test_resolve_tap_counts_negative_taps_from_the_end(base: FrozenBase) -> None:
     """-1 is the final state; taps outside [-(L+1), L] are refused."""
     assert base.resolve_tap(-1) == base.num_layers == 2

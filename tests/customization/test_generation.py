@@ -4,6 +4,7 @@ import torch
 from customization.base_model import FrozenBase
 from customization.carry_on import CarryOn
 from customization.config import CarryOnConfig, GenerationConfig
+from customization.decoder import MIN_PREFILL_CHUNK
 from customization.errors import ContextLengthError, CustomizationError
 from customization.generation import (
     BatchDecoder,
@@ -361,6 +362,58 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(
     assert joining.generated == greedy_reference(base, late, 16, adapter)
     assert early[0].generated == generate(base, _prompt(base, "one"), GREEDY, ladder).token_ids
     assert early[1].generated == generate(base, _prompt(base, "two"), GREEDY).token_ids
+
+
+def test_prefill_forwards_are_paced_to_the_running_rows_step(base: FrozenBase) -> None:
+    """With nobody running a long prompt's chunk is the whole prefill chunk; with rows
+    running it is what fits in about one of their decode steps (learned from the chunks it
+    times), between MIN_PREFILL_CHUNK and the prefill chunk, growing at most twofold at once."""
+    decoder = BatchDecoder(base, prefill_chunk=256)
+    assert decoder._chunk_budget() == 256  # nobody waits for a token
+    running = decoder.new_sequence(_prompt(base, "running"), GREEDY)
+    decoder.add(running)
+    decoder.step()
+    decoder.step()  # a decode step: its time is measured
+    assert decoder.sequences
+    assert decoder._step_seconds is not None
+    assert decoder._chunk_budget() == MIN_PREFILL_CHUNK  # nothing learned yet: the floor
+    decoder._step_seconds = 0.1
+    decoder._pace(64, 0.4)  # far over a step: back to the floor
+    assert decoder._chunk_budget() == MIN_PREFILL_CHUNK
+    decoder._pace(16, 0.01)  # far under: it doubles, no more
+    assert decoder._chunk_budget() == 32
+    decoder._pace(32, 0.04)  # 32 tokens took 0.4 of a step: 0.8 of a step fits 64
+    assert decoder._chunk_budget() == 64
+    for _ in range(8):
+        decoder._pace(decoder._chunk_budget(), 0.001)
+    assert decoder._chunk_budget() == 256  # never above the chunk
+    unpaced = BatchDecoder(base, prefill_chunk=256, pace_prefill=False)
+    unpaced.add(unpaced.new_sequence(_prompt(base, "running"), GREEDY))
+    unpaced.step()
+    unpaced.step()
+    assert unpaced._chunk_budget() == 256
+
+
+def test_a_paced_long_prompt_joins_without_stalling_the_running_rows(
+    base: FrozenBase, ladder: CarryOn
+) -> None:
+    """Paced, a prompt over the chunk joining a running batch costs the running rows no
+    step: every step still gives each of them a token, and every row decodes as alone."""
+    decoder = BatchDecoder(base, prefill_chunk=32)
+    early = decoder.new_sequence(_prompt(base, "one"), GREEDY, ladder)
+    decoder.add(early)
+    decoder.step()
+    late_prompt = _prompt(base, "a much longer prompt that arrives while the others decode " * 3)
+    assert len(late_prompt) > 32 > MIN_PREFILL_CHUNK
+    late = decoder.new_sequence(late_prompt, GREEDY, ladder)
+    decoder.add(late)
+    while not late.generated and not late.finished:
+        before = len(early.generated)
+        decoder.step()
+        assert len(early.generated) == before + 1 or early.finished
+    _decode_until_done(decoder)
+    assert late.generated == generate(base, late_prompt, GREEDY, ladder).token_ids
+    assert early.generated == generate(base, _prompt(base, "one"), GREEDY, ladder).token_ids
 
 
 def test_short_prompts_are_prefilled_while_a_long_one_is_part_way(

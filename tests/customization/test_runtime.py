@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from customization.base_model import load_base_model
 from customization.errors import IncompatibleBaseModelError
-from customization.runtime import BaseCache, resolve_device
+from customization.runtime import MALLOC_ARENAS, BaseCache, cap_malloc_arenas, resolve_device
 
 
 def test_an_explicit_device_is_kept() -> None:
@@ -41,3 +42,11 @@ def test_a_base_whose_files_changed_is_refused(hf_base_dir: Path) -> None:
     with pytest.raises(IncompatibleBaseModelError, match="no longer match") as refused:
         cache.get(str(hf_base_dir), name="tiny", device="cpu", fingerprint_key="0" * 32)
     assert refused.value.param == "model"
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the arena cap is glibc's (mallopt)")
+def test_the_allocators_arenas_are_capped_on_glibc() -> None:
+    """A model process keeps one malloc arena, so memory that request threads free under
+    adapter churn is reused instead of kept per thread."""
+    assert MALLOC_ARENAS == 1
+    assert cap_malloc_arenas(MALLOC_ARENAS) is True

@@ -112,6 +112,43 @@ def test_tails_in_one_step_share_one_batched_product_per_layer(
     assert counters.tail_rows == 1 + 1 + 2
 
 
+def test_tails_weights_are_stacked_when_rows_change_not_every_step(
+    serving_base: FrozenBase, tmp_path: Path
+) -> None:
+    """Rows that stay in the batch reuse their stacked LoRA weights step after step; a row
+    leaving restacks once; an emptied batch lets go of them."""
+    shallow = _served(serving_base, _trained_tail(serving_base, 1, seed=4), tmp_path / "a")
+    deep = _served(serving_base, _trained_tail(serving_base, 2, seed=6), tmp_path / "b")
+    decoder = BatchDecoder(serving_base)
+    short = GenerationConfig(temperature=0.0, max_new_tokens=3)
+    long = GenerationConfig(temperature=0.0, max_new_tokens=9)
+    prompts = [_prompt(serving_base, t) for t in ("shallow row", "deep row")]
+    sequences = [
+        decoder.new_sequence(prompts[0], short, shallow),
+        decoder.new_sequence(prompts[1], long, deep),
+    ]
+    for sequence in sequences:
+        decoder.add(sequence)
+    tails = decoder._tails
+    assert tails is not None
+    stacked = tails.counters.stacked
+    decoder.step()  # the prefill: one layout
+    assert tails.counters.stacked - stacked == 2 * MODULES_PER_LAYER  # layers 0 and 1
+    decoder.step()  # the first decode step: the running rows' layout, stacked once
+    after_first = tails.counters.stacked
+    decoder.step()
+    assert tails.counters.stacked == after_first  # same rows: nothing stacked again
+    while not sequences[0].finished:
+        decoder.step()
+    decoder.step()  # the deep row alone now: its layout is stacked once
+    assert tails.counters.stacked == after_first + 2 * MODULES_PER_LAYER
+    while decoder.active:
+        decoder.step()
+    assert not tails._layouts  # the batch emptied: the stacked weights were let go
+    alone = generate(serving_base, prompts[1], long, deep).token_ids
+    assert sequences[1].generated == alone
+
+
 def test_a_tail_for_a_base_of_another_depth_is_not_served(tmp_path: Path) -> None:
     """A tail made for a 2-layer base is refused on a 3-layer one with a clear error."""
     from tests.helpers.tiny_models import tiny_base
@@ -145,7 +182,7 @@ def test_rows_joining_with_batched_and_chunked_prefills_give_what_they_give_alon
     carry_on = perturb(new_carry_on(serving_base, tiny_config(taps=(1, -1))), seed=8)
     tail = _served(serving_base, _trained_tail(serving_base, 2, seed=9), tmp_path / "t")
     chunk = 64
-    decoder = BatchDecoder(serving_base, prefill_chunk=chunk)
+    decoder = BatchDecoder(serving_base, prefill_chunk=chunk, pace_prefill=False)
     long_text = "a long prompt for the tail row " * 5
     first = [("one", tail), ("two", carry_on)]
     later = [("three", None), ("four", tail), (long_text, tail)]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from django.db.models import QuerySet
 
+from webapp.accounts.keys import hash_api_key
 from webapp.accounts.models import ApiKey, User
-from webapp.accounts.services import hash_api_key
 from webapp.core.utils import first_or_not_found
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from datetime import timedelta
 
@@ -10,6 +9,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from webapp.accounts.keys import hash_api_key
 from webapp.accounts.models import ApiKey, User
 from webapp.core.exceptions import ApplicationError
 
@@ -17,11 +17,6 @@ KEY_PREFIX = "sk-co-"
 PREFIX_LENGTH = len(KEY_PREFIX) + 6
 # last_used_at is a hint, not an audit log: write it at most this often per key.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
-
-
-def hash_api_key(raw_key: str) -> str:
-    """Keys carry 256 random bits, so a plain sha256 is enough (no slow KDF needed)."""
-    return hashlib.sha256(raw_key.encode("utf-8")).hexdigest()
 
 
 def user_create(

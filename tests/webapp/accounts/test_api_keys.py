@@ -8,9 +8,10 @@ from rest_framework.test import APIRequestFactory
 
 from tests.factories import ApiKeyFactory, UserFactory
 from webapp.accounts.authentication import ApiKeyAuthentication
+from webapp.accounts.keys import hash_api_key
 from webapp.accounts.models import ApiKey
 from webapp.accounts.selectors import api_key_get, api_key_list
-from webapp.accounts.services import api_key_create, api_key_revoke, hash_api_key
+from webapp.accounts.services import api_key_create, api_key_revoke
 from webapp.core.exceptions import NotFoundError
 
 pytestmark = pytest.mark.django_db
