@@ -44,9 +44,9 @@ def test_a_base_whose_files_changed_is_refused(hf_base_dir: Path) -> None:
     assert refused.value.param == "model"
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the arena cap is glibc's (mallopt)")
 def test_the_allocators_arenas_are_capped_on_glibc() -> None:
     """A model process keeps one malloc arena, so memory that request threads free under
     adapter churn is reused instead of kept per thread."""
     assert MALLOC_ARENAS == 1
-    assert cap_malloc_arenas(MALLOC_ARENAS) is True
+    # Elsewhere (musl, macOS) there is no such knob and the call says so instead of failing.
+    assert cap_malloc_arenas(MALLOC_ARENAS) is (platform.libc_ver()[0] == "glibc")
