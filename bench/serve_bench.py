@@ -12,6 +12,11 @@ adapters (carry-ons and tails) against the base alone and one by one; adapter ch
 percentiles over 10,000 adapters on disk; a 2,000-token prompt joining a running batch of
 8. Writes ``serve.json`` and ``serve.md`` into ``--out``. Every figure is a median over
 repeats, and the ratios the targets name come from one run.
+
+Whatever computes outside the engine (building the adapters and the peers, the peers'
+generate calls, loads) runs on a thread of its own that ends with it
+(``customization.runtime.on_own_thread``), and the engine's decode thread ends when it is
+idle, so each path runs with the only OpenMP pool in the process, as a serving process has.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from bench.common import (
     write_results,
 )
 from bench.serve_paths import Bench, Timing
-from customization.runtime import set_up_torch
+from customization.runtime import on_own_thread, set_up_torch
 
 FULL = {
     "new_tokens": 128,
@@ -97,13 +102,13 @@ def _batch_one(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     }
     _log("batch 1: " + ", ".join(paths) + " ...")
     for path in paths.values():
-        path(bench.prompts[0], 4)  # warm-up: first-call allocations are not the steady state
+        on_own_thread(path, bench.prompts[0], 4)  # warm-up: first-call allocations
     repeats: dict[str, list[list[Timing]]] = {name: [] for name in paths}
     # Round robin: every repeat runs every path, so a change in the machine's background
     # load hits all paths alike and the ratios stay side by side.
     for _ in range(args.repeats):
         for name, path in paths.items():
-            repeats[name].append([path(p, args.new_tokens) for p in bench.prompts])
+            repeats[name].append([on_own_thread(path, p, args.new_tokens) for p in bench.prompts])
     return {name: _summary(runs) for name, runs in repeats.items()}
 
 
@@ -118,11 +123,11 @@ def _concurrency(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         ("PEFT, LoRA q/v (adapter_names batch)", bench.peft_mixed, bench.peft_sequential),
     ):
         _log(f"{args.adapters} requests on {args.adapters} adapters: {name} ...")
-        together(4)  # warm-up
+        on_own_thread(together, 4)  # warm-up
         concurrent, sequential = [], []
         for _ in range(args.repeats):  # alternated, for the same reason as above
-            concurrent.append(together(args.new_tokens))
-            sequential.append(one_by_one(args.new_tokens))
+            concurrent.append(on_own_thread(together, args.new_tokens))
+            sequential.append(on_own_thread(one_by_one, args.new_tokens))
         results[name] = {
             "concurrent_tokens_per_second": _throughputs(concurrent),
             "sequential_tokens_per_second": _throughputs(sequential),
@@ -135,11 +140,11 @@ def _cold_loads(bench: Bench, args: argparse.Namespace) -> dict[str, float]:
     _log("cold adapter loads ...")
     return {
         "carry-on (load_carry_on: sha256 + fingerprint check)": median(
-            [bench.cold_load_carry_on() for _ in range(args.cold_loads)]
+            [on_own_thread(bench.cold_load_carry_on) for _ in range(args.cold_loads)]
         )
         * 1000,
         "PEFT LoRA q/v (load_adapter)": median(
-            [bench.cold_load_lora(i) for i in range(args.cold_loads)]
+            [on_own_thread(bench.cold_load_lora, i) for i in range(args.cold_loads)]
         )
         * 1000,
     }
@@ -149,9 +154,13 @@ def _scale(bench: Bench, args: argparse.Namespace, work: Path) -> dict[str, Any]
     """The runs at scale (bench/serve_scale.py), on the batch-1 runs' base and prompts."""
     base, prompts = bench.base, bench.mixed_prompts
     _log(f"writing {max(args.concurrency)} mixed adapters and {args.population} small ones ...")
-    mixed = serve_scale.write_mixed_adapters(base, max(args.concurrency), work / "mixed")
-    population = serve_scale.write_population(
-        base, max(args.population, args.churn_adapters), work / "population"
+    mixed = on_own_thread(
+        lambda: serve_scale.write_mixed_adapters(base, max(args.concurrency), work / "mixed")
+    )
+    population = on_own_thread(
+        lambda: serve_scale.write_population(
+            base, max(args.population, args.churn_adapters), work / "population"
+        )
     )
     _log(f"{', '.join(map(str, args.concurrency))} requests at once on as many adapters ...")
     concurrency = serve_scale.concurrency(
@@ -269,7 +278,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     machine = machine_info(args.threads)
     share = CpuShare(who=0)  # RUSAGE_SELF: everything runs in this process
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as work:
-        bench = Bench.build(base_dir, problems, args, Path(work))
+        bench = on_own_thread(lambda: Bench.build(base_dir, problems, args, Path(work)))
         try:
             batch = _batch_one(bench, args)
             concurrency = _concurrency(bench, args)

@@ -214,10 +214,12 @@ class _BaseWorker:
         self.decoder = self._new_decoder()
         self.waiting: queue.Queue[tuple[DecodeSequence, Completion, int]] = queue.Queue()
         self._owners: dict[int, tuple[Completion, int]] = {}
-        self._wake = threading.Event()
         self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=f"decode-{base.name}", daemon=True)
-        self.thread.start()
+        # The decode thread runs while there is work and ends when there is none (see
+        # ``_run``); the lock makes "nothing queued, so end" and "queued, so start one"
+        # one decision each.
+        self._thread: threading.Thread | None = None
+        self._thread_lock = threading.Lock()
 
     @property
     def pending(self) -> int:
@@ -226,19 +228,41 @@ class _BaseWorker:
         # while a long prompt prefills).
         return max(self.decoder.active, len(self._owners)) + self.waiting.qsize()
 
+    @property
+    def decoding(self) -> bool:
+        """Whether a decode thread is running now."""
+        return self._thread is not None
+
     def submit(self, sequence: DecodeSequence, completion: Completion, index: int) -> None:
         self.waiting.put((sequence, completion, index))
-        self._wake.set()
+        with self._thread_lock:
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(
+                    target=self._run, name=f"decode-{self.base.name}", daemon=True
+                )
+                self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float) -> None:
         self._stop.set()
-        self._wake.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout=timeout)
 
     def _run(self) -> None:
+        """Step the batch until nothing is running or queued, then end.
+
+        A thread per busy spell rather than one for the process's life: the OpenMP workers
+        a decode thread makes end with it (``runtime.on_own_thread`` says why that matters),
+        so while the engine is idle the process holds none of them, and other work in it
+        (a benchmark's peers, for one) runs at full speed. Starting one costs well under a
+        millisecond, once per spell.
+        """
         while not self._stop.is_set():
             if not self.decoder.active and self.waiting.empty():
-                self._wake.wait(timeout=1.0)
-                self._wake.clear()
+                with self._thread_lock:
+                    if self.waiting.empty():
+                        self._thread = None
+                        return
                 continue
             try:
                 self._admit()
@@ -400,6 +424,4 @@ class ServingEngine:
 
     def shutdown(self) -> None:
         for worker in self._workers.values():
-            worker.stop()
-        for worker in self._workers.values():
-            worker.thread.join(timeout=5)
+            worker.stop(timeout=5)

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import platform
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -8,7 +11,13 @@ import torch
 
 from customization.base_model import load_base_model
 from customization.errors import IncompatibleBaseModelError
-from customization.runtime import MALLOC_ARENAS, BaseCache, cap_malloc_arenas, resolve_device
+from customization.runtime import (
+    MALLOC_ARENAS,
+    BaseCache,
+    cap_malloc_arenas,
+    on_own_thread,
+    resolve_device,
+)
 
 
 def test_an_explicit_device_is_kept() -> None:
@@ -50,3 +59,72 @@ def test_the_allocators_arenas_are_capped_on_glibc() -> None:
     assert MALLOC_ARENAS == 1
     # Elsewhere (musl, macOS) there is no such knob and the call says so instead of failing.
     assert cap_malloc_arenas(MALLOC_ARENAS) is (platform.libc_ver()[0] == "glibc")
+
+
+def test_work_on_its_own_thread_returns_its_value_and_raises_its_error() -> None:
+    """The work runs on another thread, which has ended when its value (or its exception)
+    comes back to the caller."""
+    ran_on: list[threading.Thread] = []
+
+    def work() -> int:
+        ran_on.append(threading.current_thread())
+        return 42
+
+    assert on_own_thread(work) == 42
+    assert ran_on[0] is not threading.current_thread()
+    assert not ran_on[0].is_alive()
+    with pytest.raises(ValueError, match="bad input"):
+        on_own_thread(lambda: int("bad input"))
+
+
+# Run in a process of its own: in the test process other tests' threads come and go.
+_POOLS_SCRIPT = """
+import os, threading, torch
+from customization.runtime import on_own_thread
+
+def now():
+    return len(os.listdir("/proc/self/task"))
+
+def settles_at(count):  # an ended thread's OpenMP workers exit on their own, just after it
+    for _ in range(500):
+        if now() == count:
+            return True
+        threading.Event().wait(0.01)
+    return False
+
+torch.set_num_threads(2)
+big = torch.ones(1 << 22)
+before = now()
+assert on_own_thread(lambda: float((big * 2).sum())) == 2.0 * big.numel()
+print("own thread, workers gone:", settles_at(before))
+done, release = threading.Event(), threading.Event()
+
+def lives_on():
+    float((big * 2).sum())
+    done.set()
+    release.wait(timeout=30)
+
+keeper = threading.Thread(target=lives_on)
+keeper.start()
+done.wait(timeout=30)
+print("thread living on, keeps a worker:", now() >= before + 2)
+release.set()
+keeper.join()
+print("once it ends, workers gone:", settles_at(before))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_openmp_workers_made_on_its_own_thread_end_with_it() -> None:
+    """A parallel torch op run through ``on_own_thread`` leaves no worker threads behind,
+    while one run on a thread that lives on keeps its pool: the reason base loads and the
+    benchmarks' own compute go through it."""
+    completed = subprocess.run(
+        [sys.executable, "-c", _POOLS_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.splitlines() == [
+        "own thread, workers gone: True",
+        "thread living on, keeps a worker: True",
+        "once it ends, workers gone: True",
+    ]

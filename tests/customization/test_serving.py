@@ -103,6 +103,31 @@ def test_concurrent_requests_on_different_adapters_share_base_forwards(base, tmp
     engine.shutdown()
 
 
+def _idles(worker) -> bool:
+    """Whether ``worker``'s decode thread ends within five seconds (it notices it is idle
+    right after the last event)."""
+    for _ in range(500):
+        thread = worker._thread
+        if thread is None:
+            return True
+        thread.join(timeout=0.01)
+    return False
+
+
+def test_the_decode_thread_ends_when_idle_and_the_next_request_starts_one(base):
+    """An idle engine runs no decode thread (so holds no OpenMP workers); a request after
+    the idle spell is served as the first was."""
+    engine = _engine(base)
+    prompt = _prompt(base, "what is 2+2?")
+    first = engine.submit("tiny", prompt, GREEDY).result(timeout=30)
+    worker = engine._workers["tiny"]
+    assert _idles(worker)
+    assert not [t for t in threading.enumerate() if t.name == f"decode-{base.name}"]
+    assert engine.submit("tiny", prompt, GREEDY).result(timeout=30) == first
+    assert _idles(worker)
+    engine.shutdown()
+
+
 def test_full_queue_is_refused_with_engine_overloaded(base):
     """Beyond max_pending, a request is refused at once instead of piling up."""
     engine = _engine(base, max_pending=2)
