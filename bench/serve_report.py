@@ -123,6 +123,7 @@ def _scale_markdown(scale: dict[str, Any]) -> str:
                     "others' normal step (ms)",
                     "others' longest gap while it joins (ms)",
                     "ratio",
+                    "others' median gap while it joins (ms)",
                 ],
                 [
                     [
@@ -130,6 +131,7 @@ def _scale_markdown(scale: dict[str, Any]) -> str:
                         fmt(join["normal_step_ms"], 1),
                         fmt(join["join_gap_ms"], 1),
                         _times(join["join_gap_vs_normal_step"], 2),
+                        fmt(join.get("join_gap_median_ms"), 1),
                     ]
                 ],
             ),

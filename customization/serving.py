@@ -9,7 +9,9 @@ Framework-free; the web layer (webapp/serving) is a thin adapter over it.
   loaded yet wait for one load (single-flight) instead of each loading it.
 - Every base has one decode thread running a ``BatchDecoder``: requests queued for that
   base join the running batch between steps, so concurrent requests, including ones on
-  *different* carry-ons, share one base forward per decode step.
+  *different* carry-ons, share one base forward per decode step. The thread runs while
+  the base has work and ends when it has none, so an idle engine holds no OpenMP workers
+  (``runtime.on_own_thread`` says why one pool per process matters).
 - Admission is bounded: when ``max_pending`` requests are already waiting or running, a
   new one is refused at once with ``EngineOverloaded`` (the API answers 429) rather than
   piling up; it is checked before an adapter is loaded, so a refused request loads nothing.
