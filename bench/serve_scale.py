@@ -369,7 +369,7 @@ def _join_gaps(others: Sequence[Stamped], joined: Stamped) -> dict[str, Any]:
         for earlier, later in zip(stamped.stamps, stamped.stamps[1:], strict=False):
             if steady <= earlier and later <= start:
                 before.append(later - earlier)
-            elif earlier <= end:
+            elif earlier <= end and later > start:  # overlaps the prompt's prefill
                 across.append(later - earlier)
     normal = median(before) if before else None
     worst = max(across) if across else None

@@ -10,6 +10,10 @@ as two batched matmuls over the gathered rows: the per-row gather of Punica's BG
 S-LoRA, in plain torch. Rows on the base or on a carry-on are not touched at all (their
 output is the base's, bit for bit), and a layer no row's tail covers costs one attribute
 check. Ranks may differ between tails: the stacks are zero-padded to the largest.
+
+A packed forward (``customization.packed``: the running rows' tokens and a joining chunk's
+as one sequence) says how its tokens split into segments of rows × length; each segment's
+rows then get their deltas as above, from their own slice of the tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from customization.tail import TailAdapter
 
 # (row indices (n,), A (n, in, r), B (n, r, out), scaling (n, 1, 1))
 Plan = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# A forward's row segments: (rows, tokens per row) each, in order; None = the batch itself.
+Segments = Sequence[tuple[int, int]] | None
 # Row layouts whose stacked weights are kept: a decode forward's and a prefill forward's.
 KEPT_LAYOUTS = 2
 
@@ -45,13 +51,15 @@ class RowTails:
     def __init__(self, counters: LoraCounters | None = None):
         self.counters = counters if counters is not None else LoraCounters()
         self._tails: list[TailAdapter | None] = []
-        self._plans: dict[tuple[int, str], Plan | None] = {}
+        self._plans: dict[tuple[int, str], list[Plan | None] | None] = {}
+        self.segments: Segments = None
         self.active = False  # some row of the current forward is on a tail
-        # Row layout (the tails' ids, row by row) -> (those tails, their plans), oldest first.
-        self._layouts: dict[tuple[int, ...], tuple[list[TailAdapter | None], dict[Any, Any]]] = {}
+        # Row layout (the tails' ids, row by row, and the segments' rows) -> (those tails,
+        # their plans), oldest first.
+        self._layouts: dict[tuple[Any, ...], tuple[list[TailAdapter | None], dict[Any, Any]]] = {}
 
-    def use(self, tails: Sequence[TailAdapter | None]) -> None:
-        """Say which tail each row of the next forward uses.
+    def use(self, tails: Sequence[TailAdapter | None], segments: Segments = None) -> None:
+        """Say which tail each row of the next forward uses (and, packed, its segments).
 
         The stacked weights of a row layout are kept while it recurs: a running batch
         keeps its rows for many steps, so stacking (a copy of every row's LoRA weights)
@@ -60,8 +68,10 @@ class RowTails:
         forward with a joining cohort's prefill forward).
         """
         self._tails = list(tails)
+        self.segments = None if segments is None else list(segments)
         self.active = any(t is not None for t in self._tails)
-        key = tuple(id(t) for t in self._tails)
+        rows = None if segments is None else tuple(rows for rows, _ in segments)
+        key = (tuple(id(t) for t in self._tails), rows)
         kept = self._layouts.pop(key, None)
         if kept is None or any(a is not b for a, b in zip(kept[0], self._tails, strict=True)):
             kept = (self._tails, {})
@@ -72,23 +82,32 @@ class RowTails:
         self.counters.tail_rows += sum(t is not None for t in tails)
 
     def clear(self) -> None:
-        self._tails, self._plans, self.active = [], {}, False
+        self._tails, self._plans, self.segments, self.active = [], {}, None, False
 
     def forget(self) -> None:
         """Drop every kept layout (and the references to the tails they hold)."""
         self.clear()
         self._layouts.clear()
 
-    def plan(self, layer: int, name: str, device: torch.device) -> Plan | None:
+    def plan(self, layer: int, name: str, device: torch.device) -> list[Plan | None] | None:
+        """A plan per segment (one: the batch) for this layer and module; None: no row's."""
         key = (layer, name)
         if key not in self._plans:
-            self._plans[key] = self._stack(layer, name, device)
+            sizes = [len(self._tails)] if self.segments is None else [r for r, _ in self.segments]
+            plans, first = [], 0
+            for size in sizes:
+                plans.append(self._stack(layer, name, device, first, first + size))
+                first += size
+            self._plans[key] = None if all(p is None for p in plans) else plans
         return self._plans[key]
 
-    def _stack(self, layer: int, name: str, device: torch.device) -> Plan | None:
+    def _stack(
+        self, layer: int, name: str, device: torch.device, first: int, end: int
+    ) -> Plan | None:
+        """The stacked weights of rows ``first``..``end`` (indices relative to ``first``)."""
         rows = [
-            (row, tail)
-            for row, tail in enumerate(self._tails)
+            (row - first, tail)
+            for row, tail in enumerate(self._tails[first:end], start=first)
             if tail is not None and (layer, name) in tail.weights
         ]
         if not rows:
@@ -122,14 +141,29 @@ class BatchedLoraLinear(nn.Module):
         y: torch.Tensor = self.base(x)  # (B, T, out)
         if not self.rows.active:
             return y
-        plan = self.rows.plan(self.layer, self.name, x.device)
-        if plan is None:
+        plans = self.rows.plan(self.layer, self.name, x.device)
+        if plans is None:
             return y
-        index, a, b, scaling = plan
-        self.rows.counters.delta_products += 1
-        picked = x.index_select(0, index).to(a.dtype)  # (n, T, in)
-        delta = torch.bmm(torch.bmm(picked, a), b) * scaling  # (n, T, out)
-        return y.index_add(0, index, delta.to(y.dtype))
+        segments = self.rows.segments
+        if segments is None:
+            parts = [(x, y)]
+        else:  # packed: (1, T, ·), each segment's rows × length tokens in turn
+            parts, start = [], 0
+            for rows, length in segments:
+                end = start + rows * length
+                parts.append(
+                    (x[0, start:end].view(rows, length, -1), y[0, start:end].view(rows, length, -1))
+                )
+                start = end
+        for (inputs, outputs), plan in zip(parts, plans, strict=True):
+            if plan is None:
+                continue
+            index, a, b, scaling = plan
+            self.rows.counters.delta_products += 1
+            picked = inputs.index_select(0, index).to(a.dtype)  # (n, T, in)
+            delta = torch.bmm(torch.bmm(picked, a), b) * scaling  # (n, T, out)
+            outputs.index_add_(0, index, delta.to(outputs.dtype))  # into y, in place
+        return y
 
 
 def install(model: Any, counters: LoraCounters | None = None) -> RowTails:

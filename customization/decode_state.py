@@ -24,7 +24,7 @@ ServedAdapter = CarryOn | TailAdapter
 class DecodeCounters:
     """Work done by a decoder, for tests and metrics (never timing)."""
 
-    base_forwards: int = 0  # calls of the base backbone (prefills + decode steps)
+    base_forwards: int = 0  # calls of the base backbone (prefills + decode steps - packed)
     decode_steps: int = 0  # batched decode steps
     decode_rows: int = 0  # sequence-steps served by those decode steps
     carry_on_forwards: int = 0  # rows a carry-on ran on, summed over forwards
@@ -32,6 +32,7 @@ class DecodeCounters:
     prefill_tokens: int = 0  # prompt tokens prefilled (padding not counted)
     prefill_forwards: int = 0  # base forwards that prefill: one chunk of one or more prompts
     prefill_rows: int = 0  # prompt chunks summed over those forwards (a prompt in 3 chunks: 3)
+    packed_forwards: int = 0  # base forwards that decoded rows and prefilled a chunk at once
     tail_delta_products: int = 0  # batched per-row LoRA products (one per layer and module)
     tail_rows: int = 0  # rows on a tail, summed over base forwards
 

@@ -6,16 +6,18 @@ runs only on its own rows, and the frozen LM head runs once over the merged stat
 the structural advantage over LoRA serving, where an adapter touches every layer.
 
 ``BatchDecoder.add`` queues a request; each ``step`` then runs one decode forward for every
-running row and one prefill forward for joining ones (``prefill``: the prompts that arrived
-together in one forward, a long prompt one chunk per step), after which finished prompts
-sample their first token and join the batch (their cache merged in, the narrower side
-left-padded) and finished sequences leave it. While rows are running, the chunks of a long
-prompt are paced to about one of their decode steps (measured: a few dozen tokens on two
-CPU cores, far more on a GPU), so it delays the others' next token by at most about one
-step however long it is. Rows whose carry-ons share a shape run as one
-batched forward (``batched_carry_on``), the base's cache is written in place
-(``kv_cache``), and the base's intermediate states are asked for only when some row's
-carry-on reads them.
+running row with one prefill chunk for joining ones (``prefill``: the prompts that arrived
+together, a long prompt one chunk per step) packed into it (``packed``: the rows' tokens
+and the chunk's go through the base as one sequence, attention per segment), after which
+finished prompts sample their first token and join the batch (their cache merged in, the
+narrower side left-padded) and finished sequences leave it. A separate prefill forward
+would cost the running rows a whole extra step however short the chunk (every forward
+reads all the weights); packed, a chunk costs only its own tokens' arithmetic, and while
+rows are running the chunks of a long prompt are paced to add about half of their step
+(measured: a dozen or two tokens on two CPU cores, far more on a GPU), however long the
+prompt is. Rows whose carry-ons share a shape run as one batched forward
+(``batched_carry_on``), the base's cache is written in place (``kv_cache``), and the base's
+intermediate states are asked for only when some row's carry-on reads them.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ from typing import Any
 
 import torch
 
-from customization import batched_lora
+from customization import batched_lora, packed
 from customization.base_model import FrozenBase
 from customization.batched_carry_on import CarryOnGroup, shape_key
 from customization.carry_on import CarryOn
 from customization.config import GenerationConfig
 from customization.decode_state import DecodeCounters, DecodeSequence, ServedAdapter, StepOutput
 from customization.errors import ContextLengthError, CustomizationError
+from customization.packed import Packed, Segment
 from customization.prefill import Prefill, take_prompts
 from customization.sampling import releasable_text, sample_token
 from customization.tail import TailAdapter
@@ -40,11 +43,12 @@ from customization.tail import TailAdapter
 # Prompt tokens (padding included) one prefill forward may take: prompts that fit in it
 # together are prefilled in one forward, a longer prompt in chunks.
 DEFAULT_PREFILL_CHUNK = 256
-# While rows are running, each chunk of a long prompt is paced to take at most this share
-# of their decode step (as measured), so the prompt delays their next token by about one
-# step at most however long it is; how many tokens fit depends on the machine, so it is
-# learned, never below MIN_PREFILL_CHUNK tokens (nor above the prefill chunk).
-PREFILL_SHARE_OF_STEP = 0.8
+# While rows are running, each chunk of a long prompt rides in their decode forward and is
+# paced to add at most this share of their decode step (as measured), so the prompt delays
+# their next token by half a step at most however long it is; how many tokens fit depends
+# on the machine, so it is learned, never below MIN_PREFILL_CHUNK tokens (nor above the
+# prefill chunk).
+PREFILL_SHARE_OF_STEP = 0.5
 MIN_PREFILL_CHUNK = 16
 
 
@@ -75,6 +79,7 @@ class BatchDecoder:
         counters: DecodeCounters | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         pace_prefill: bool = True,
+        pack_prefill: bool = True,
     ):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
@@ -84,6 +89,11 @@ class BatchDecoder:
         # Pacing (``pace_prefill``): the running rows' decode step in seconds (a moving
         # average) and the chunk learned to fit in it.
         self.pace_prefill = pace_prefill
+        # Packing (``pack_prefill``): a joining chunk rides in the running rows' decode
+        # forward, when the base's attention can be switched to ``packed_attention``.
+        if pack_prefill:
+            packed.install(base.model)
+        self._pack = pack_prefill and packed.installed(base.model)
         self._step_seconds: float | None = None
         self._paced_chunk = min(MIN_PREFILL_CHUNK, prefill_chunk)
         self.sequences: list[DecodeSequence] = []  # the running batch, in cache row order
@@ -166,8 +176,15 @@ class BatchDecoder:
         if self._tails is None:  # the first tail this base serves: wrap its linears once
             self._tails = batched_lora.install(self.base.model)
 
-    def _backbone(self, rows: Sequence[DecodeSequence], **inputs: Any) -> Any:
-        """One base forward; rows on tails get their LoRA deltas inside it.
+    def _backbone(
+        self,
+        rows: Sequence[DecodeSequence],
+        *,
+        segments: Sequence[Segment] | None = None,
+        **inputs: Any,
+    ) -> Any:
+        """One base forward; rows on tails get their LoRA deltas inside it (a packed
+        forward's ``segments`` say which tokens are whose).
 
         The base's intermediate states are asked for only when a row's carry-on reads them.
         """
@@ -176,7 +193,8 @@ class BatchDecoder:
         if tails is None or not any(s.tail is not None for s in rows):
             return self.base.backbone_forward(states=states, **inputs)
         before = (tails.counters.delta_products, tails.counters.tail_rows)
-        tails.use([s.tail for s in rows])
+        layout = None if segments is None else [(s.rows, s.length) for s in segments]
+        tails.use([s.tail for s in rows], layout)
         try:
             return self.base.backbone_forward(states=states, **inputs)
         finally:
@@ -190,24 +208,47 @@ class BatchDecoder:
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        """One token for every running sequence, then one prefill chunk for joining ones.
+        """One token for every running sequence, and one prefill chunk for joining ones.
 
-        The outputs hold each sequence at most once: a running row's next token, or a
-        joining row's first token when its prompt's last chunk was in this step.
+        While rows are running the chunk rides in their decode forward (``packed``); else
+        it is a forward of its own. The outputs hold each sequence at most once: a running
+        row's next token, or a joining row's first token when its prompt's last chunk was
+        in this step.
         """
+        cohort = self._next_cohort()
+        if cohort is not None and self.sequences and self._pack:
+            return self._packed_step(cohort)
         results = self._decode() if self.sequences else []
-        return results + self._prefill()
+        return results + (self._prefill(cohort) if cohort is not None else [])
+
+    def _next_cohort(self) -> Prefill | None:
+        """The prompts this step prefills: the waiting ones that fit one chunk, together, or
+        else the long prompt being chunked (a waiting one starts)."""
+        from customization.kv_cache import GrowingCache  # imports transformers
+
+        prompts = take_prompts(self._waiting, self.prefill_chunk)
+        if prompts:
+            return Prefill(prompts, GrowingCache(), self.base.device)
+        if self._chunking is None and self._waiting:
+            self._chunking = Prefill([self._waiting.pop(0)], GrowingCache(), self.base.device)
+        return self._chunking
+
+    def _decode_inputs(self, rows: Sequence[DecodeSequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running rows' next token ids and positions, (B, 1) each; their attention mask
+        grows by the slot these tokens take."""
+        assert self._attention is not None
+        device = self.base.device
+        ids = torch.tensor([[s.generated[-1]] for s in rows], device=device)
+        positions = torch.tensor([[s.position] for s in rows], device=device)
+        ones = torch.ones((len(rows), 1), dtype=self._attention.dtype, device=device)
+        self._attention = torch.cat([self._attention, ones], dim=1)  # (B, L + 1)
+        return ids, positions
 
     def _decode(self) -> list[StepOutput]:
         """One shared base forward for the running rows, one token each."""
-        assert self._attention is not None
         started = time.perf_counter()
-        device = self.base.device
         rows = list(self.sequences)
-        ids = torch.tensor([[s.generated[-1]] for s in rows], device=device)  # (B, 1)
-        positions = torch.tensor([[s.position] for s in rows], device=device)  # (B, 1)
-        ones = torch.ones((len(rows), 1), dtype=self._attention.dtype, device=device)
-        self._attention = torch.cat([self._attention, ones], dim=1)  # (B, L + 1)
+        ids, positions = self._decode_inputs(rows)
         outputs = self._backbone(
             rows,
             input_ids=ids,
@@ -216,17 +257,60 @@ class BatchDecoder:
             past_key_values=self._cache,
             use_cache=True,
         )
-        self._cache = outputs.past_key_values
         self.counters.base_forwards += 1
-        self.counters.decode_steps += 1
-        self.counters.decode_rows += len(rows)
-        logits = self._decode_logits(outputs, rows, positions)
+        logits = self._decoded(outputs, rows, positions)
         seconds = time.perf_counter() - started
         previous = self._step_seconds
         self._step_seconds = seconds if previous is None else 0.7 * previous + 0.3 * seconds
+        return self._sample_rows(rows, logits)
+
+    def _decoded(
+        self, outputs: Any, rows: Sequence[DecodeSequence], positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Take in a decode forward's outputs: the grown cache, counters, the rows' logits."""
+        self._cache = outputs.past_key_values
+        self.counters.decode_steps += 1
+        self.counters.decode_rows += len(rows)
+        return self._decode_logits(outputs, rows, positions)
+
+    def _sample_rows(
+        self, rows: Sequence[DecodeSequence], logits: torch.Tensor
+    ) -> list[StepOutput]:
         results = [self._accept(s, self._sample(logits[i], s)) for i, s in enumerate(rows)]
         self._drop_finished()
         return results
+
+    def _packed_step(self, cohort: Prefill) -> list[StepOutput]:
+        """The running rows' decode and the cohort's next chunk in one packed base forward."""
+        started = time.perf_counter()
+        rows = list(self.sequences)
+        ids, positions = self._decode_inputs(rows)
+        assert self._attention is not None
+        budget = self._chunk_budget() if cohort is self._chunking else self.prefill_chunk
+        chunk = cohort.chunk_inputs(budget)
+        packed = Packed(
+            [
+                Segment(ids, positions, self._attention, self._cache),
+                Segment(
+                    chunk["input_ids"], chunk["position_ids"], chunk["attention_mask"], cohort.cache
+                ),
+            ]
+        )
+        outputs = self._backbone(
+            rows + cohort.sequences, segments=packed.segments, **packed.inputs()
+        )
+        decoded, prefilled = packed.split(outputs)
+        self.counters.base_forwards += 1
+        self.counters.packed_forwards += 1
+        logits = self._decoded(decoded, rows, positions)
+        self.counters.prefill_forwards += 1
+        merged = cohort.absorb(self.base, prefilled, self.counters)
+        if cohort is self._chunking and self._step_seconds is not None:
+            # What the chunk added to the rows' step paces the next one.
+            extra = time.perf_counter() - started - self._step_seconds
+            self._pace(chunk["input_ids"].numel(), extra)
+        results = self._sample_rows(rows, logits)
+        return results + self._prefilled(cohort, merged)
 
     def _chunk_budget(self) -> int:
         """Tokens the next chunk of a long prompt may take: the whole prefill chunk when
@@ -236,29 +320,21 @@ class BatchDecoder:
         return self._paced_chunk
 
     def _pace(self, tokens: int, seconds: float) -> None:
-        """After a prefill forward of ``tokens`` tokens that made running rows wait: size the
-        next one to take PREFILL_SHARE_OF_STEP of their step (at most doubling at once)."""
-        if not self.pace_prefill or self._step_seconds is None or seconds <= 0:
+        """After a chunk of ``tokens`` tokens that took the running rows ``seconds`` more
+        than their step: size the next to add PREFILL_SHARE_OF_STEP of a step (growing at
+        most twofold at once)."""
+        if not self.pace_prefill or self._step_seconds is None:
             return
-        fit = int(tokens * PREFILL_SHARE_OF_STEP * self._step_seconds / seconds)
         floor = min(MIN_PREFILL_CHUNK, self.prefill_chunk)
+        if seconds <= 0:  # lost in the noise: grow
+            fit = 2 * self._paced_chunk
+        else:
+            fit = int(tokens * PREFILL_SHARE_OF_STEP * self._step_seconds / seconds)
         self._paced_chunk = max(floor, min(fit, 2 * self._paced_chunk, self.prefill_chunk))
 
-    def _prefill(self) -> list[StepOutput]:
-        """At most one prefill forward: the waiting prompts that fit one chunk, together,
-        or else the next chunk of one long prompt. Rows whose prompt is done join."""
-        from customization.kv_cache import GrowingCache  # imports transformers
-
-        prompts = take_prompts(self._waiting, self.prefill_chunk)
-        if prompts:
-            cohort = Prefill(prompts, GrowingCache(), self.base.device)
-        elif self._chunking is not None:
-            cohort = self._chunking
-        elif self._waiting:
-            cohort = Prefill([self._waiting.pop(0)], GrowingCache(), self.base.device)
-            self._chunking = cohort
-        else:
-            return []
+    def _prefill(self, cohort: Prefill) -> list[StepOutput]:
+        """A prefill forward of its own for the cohort's next chunk (no rows are running,
+        or the base cannot pack); rows whose prompt is done join."""
         paced = cohort is self._chunking
         started = time.perf_counter()
         inputs = cohort.chunk_inputs(self._chunk_budget() if paced else self.prefill_chunk)
@@ -268,6 +344,11 @@ class BatchDecoder:
         self.counters.base_forwards += 1
         self.counters.prefill_forwards += 1
         merged = cohort.absorb(self.base, outputs, self.counters)  # (n, D)
+        return self._prefilled(cohort, merged)
+
+    def _prefilled(self, cohort: Prefill, merged: torch.Tensor) -> list[StepOutput]:
+        """After a cohort's chunk: if its prompts are done, their first tokens, and the rows
+        not finished by them join the batch."""
         if not cohort.finished:
             return []
         if cohort is self._chunking:

@@ -3,8 +3,9 @@
 A ``Prefill`` is a cohort of sequences that start together. Their prompts are left-padded to
 one width (the padding masked, so every row computes what it computes alone) and fed to the
 base a chunk of columns at a time, into the cohort's own cache; the decoder runs at most one
-such chunk per step, between its decode forwards, so a long prompt delays the running rows
-by one chunk per step instead of stalling them for its whole prompt.
+such chunk per step, packed into its decode forward while rows are running
+(``customization.packed``), so a long prompt delays the running rows by one chunk's
+arithmetic per step instead of stalling them for its whole prompt.
 
 Rows on carry-ons run their carry-on over their own (unpadded) columns of each chunk into
 their own ``CarryOnCache``. The carry-on's attention is causal over that cache, so chunk by

@@ -355,6 +355,9 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(
         after = decoder.counters
         assert after.decode_steps == counted["decode_steps"] + 1  # nobody waits a whole prompt
         assert after.prefill_forwards == counted["prefill_forwards"] + 1  # one chunk a step
+        # ... riding in the running rows' decode forward: one base forward a step.
+        assert after.base_forwards == counted["base_forwards"] + 1
+        assert after.packed_forwards == counted["packed_forwards"] + 1
         assert {id(o.sequence) for o in outputs} >= {id(s) for s in early}
     assert len(joining.generated) == 1  # its first token came with the last chunk
     _decode_until_done(decoder)
@@ -366,7 +369,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(
 
 def test_prefill_forwards_are_paced_to_the_running_rows_step(base: FrozenBase) -> None:
     """With nobody running a long prompt's chunk is the whole prefill chunk; with rows
-    running it is what fits in about one of their decode steps (learned from the chunks it
+    running it is what adds about half of their decode step (learned from the chunks it
     times), between MIN_PREFILL_CHUNK and the prefill chunk, growing at most twofold at once."""
     decoder = BatchDecoder(base, prefill_chunk=256)
     assert decoder._chunk_budget() == 256  # nobody waits for a token
@@ -382,8 +385,10 @@ def test_prefill_forwards_are_paced_to_the_running_rows_step(base: FrozenBase) -
     assert decoder._chunk_budget() == MIN_PREFILL_CHUNK
     decoder._pace(16, 0.01)  # far under: it doubles, no more
     assert decoder._chunk_budget() == 32
-    decoder._pace(32, 0.04)  # 32 tokens took 0.4 of a step: 0.8 of a step fits 64
-    assert decoder._chunk_budget() == 64
+    decoder._pace(32, 0.04)  # 32 tokens added 0.4 of a step: half a step fits 40
+    assert decoder._chunk_budget() == 40
+    decoder._pace(40, 0.0)  # lost in the step's noise: it doubles
+    assert decoder._chunk_budget() == 80
     for _ in range(8):
         decoder._pace(decoder._chunk_budget(), 0.001)
     assert decoder._chunk_budget() == 256  # never above the chunk
@@ -414,6 +419,42 @@ def test_a_paced_long_prompt_joins_without_stalling_the_running_rows(
     _decode_until_done(decoder)
     assert late.generated == generate(base, late_prompt, GREEDY, ladder).token_ids
     assert early.generated == generate(base, _prompt(base, "one"), GREEDY, ladder).token_ids
+
+
+def test_packed_and_separate_prefill_forwards_give_the_same_tokens(
+    base: FrozenBase, ladder: CarryOn
+) -> None:
+    """A long prompt and two short ones joining running rows decode the same whether their
+    chunks ride in the decode forwards (packed) or run as forwards of their own, and only
+    the packed decoder runs one base forward a step."""
+    texts = ("one", "two two")
+    late = _prompt(base, "a long prompt that joins the running rows, chunk by chunk " * 3)
+    results = {}
+    for pack in (True, False):
+        decoder = BatchDecoder(base, prefill_chunk=24, pace_prefill=False, pack_prefill=pack)
+        running = [decoder.new_sequence(_prompt(base, t), GREEDY, ladder) for t in texts]
+        for sequence in running:
+            decoder.add(sequence)
+        decoder.step()
+        decoder.step()
+        joining = [
+            decoder.new_sequence(late, GREEDY, ladder),
+            decoder.new_sequence(_prompt(base, "three"), GREEDY, None),
+        ]
+        for sequence in joining:
+            decoder.add(sequence)
+        _decode_until_done(decoder)
+        results[pack] = ([s.generated for s in running + joining], decoder.counters)
+    assert results[True][0] == results[False][0]
+    assert results[True][0][2] == generate(base, late, GREEDY, ladder).token_ids
+    packed, separate = results[True][1], results[False][1]
+    assert packed.packed_forwards >= 3
+    assert separate.packed_forwards == 0
+    assert (
+        packed.base_forwards
+        == packed.decode_steps + packed.prefill_forwards - packed.packed_forwards
+    )
+    assert separate.base_forwards == separate.decode_steps + separate.prefill_forwards
 
 
 def test_short_prompts_are_prefilled_while_a_long_one_is_part_way(

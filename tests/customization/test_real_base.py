@@ -106,3 +106,37 @@ def test_one_epoch_on_demo_problems_lowers_heldout_loss_and_still_answers(
     )
     assert reply.text.strip()
     assert reply.completion_tokens <= 24
+
+
+def test_smollm2_prompt_chunks_packed_into_decode_steps_decode_as_alone(
+    real_base: FrozenBase,
+) -> None:
+    """On the real base, a long prompt whose chunks ride in two running rows' decode
+    forwards (packed) gives every row the greedy tokens it gives alone."""
+    from customization.generation import BatchDecoder
+
+    config = GenerationConfig(temperature=0.0, max_new_tokens=12)
+    texts = ["What is 12 times 7?", "Name a prime number."]
+    late = real_base.tokenizer.encode_prompt(
+        [{"role": "user", "content": "Add the numbers 3, 5, 7, 11 and 13, step by step. " * 4}]
+    )
+    decoder = BatchDecoder(real_base, prefill_chunk=32, pace_prefill=False)
+    running = [
+        decoder.new_sequence(
+            real_base.tokenizer.encode_prompt([{"role": "user", "content": t}]), config
+        )
+        for t in texts
+    ]
+    for sequence in running:
+        decoder.add(sequence)
+    decoder.step()
+    joining = decoder.new_sequence(late, config)
+    decoder.add(joining)
+    while decoder.active:
+        decoder.step()
+    assert len(late) > 3 * 32
+    assert decoder.counters.packed_forwards >= 3
+    assert joining.generated == generate(real_base, late, config).token_ids
+    for text, sequence in zip(texts, running, strict=True):
+        prompt = real_base.tokenizer.encode_prompt([{"role": "user", "content": text}])
+        assert sequence.generated == generate(real_base, prompt, config).token_ids

@@ -206,3 +206,5 @@ def test_rows_joining_with_batched_and_chunked_prefills_give_what_they_give_alon
     # Two forwards for the short prompts (two rows each), then one per chunk of the long one.
     assert decoder.counters.prefill_forwards == 2 + chunks
     assert decoder.counters.prefill_rows == 4 + chunks
+    # All but the first rode in the running rows' decode forwards, tails on both sides.
+    assert decoder.counters.packed_forwards == 1 + chunks

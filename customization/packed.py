@@ -1,0 +1,198 @@
+"""One base forward for the running rows and a joining prompt's chunk: packed, not padded.
+
+A separate prefill forward costs the running rows at least one more decode step, however
+few tokens it takes: every forward reads all of the base's weights and runs its hundreds of
+small operations, and on a CPU that, not the arithmetic, is what a one-token step costs.
+So while rows are running, the decoder packs the joining cohort's chunk into their decode
+forward: the rows' one token each and the chunk's tokens go through the base as one
+sequence of tokens (1, T), so every linear layer, norm and MLP runs once for all of them,
+and only attention, which must not mix sequences, runs per *segment*:
+
+- the running rows (B rows, 1 token each) attend over the batch's cache and its mask;
+- the cohort (n rows, c tokens each) attends causally over its own cache.
+
+Each segment writes its keys and values into its own cache (``GrowingCache``), so the
+cohort's cache joins the batch afterwards exactly as after a prefill forward of its own.
+Packing changes which tokens share a matmul, never what a token attends to: each row
+computes what it computes alone.
+
+``install`` points the served base's attention at ``packed_attention`` once; a forward
+without a ``packed`` argument runs transformers' own SDPA attention, unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+ATTENTION = "carry_on_packed"
+
+
+@dataclass
+class Segment:
+    """``rows`` × ``length`` of the packed tokens, row by row, with their own cache.
+
+    ``mask`` (rows, K) marks the real slots (1) of the cache once this segment's tokens are
+    in it: K = the cached slots + ``length``. The segment's queries are its last ``length``
+    slots, each attending to the real slots up to its own.
+    """
+
+    ids: torch.Tensor  # (rows, length)
+    positions: torch.Tensor  # (rows, length)
+    mask: torch.Tensor  # (rows, K)
+    cache: Any  # GrowingCache
+
+    @property
+    def rows(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.shape[1])
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.length
+
+    @cached_property  # built once per forward, read by every layer
+    def attention_mask(self) -> torch.Tensor | None:
+        """(rows, 1, length, K) True where a query may attend, or None for "everything"."""
+        keys = self.mask.shape[1]
+        real = self.mask.bool()[:, None, :]  # (rows, 1, K)
+        if self.length == 1:
+            return None if bool(real.all()) else real[:, None]
+        query_slots = torch.arange(keys - self.length, keys, device=self.mask.device)
+        causal = torch.arange(keys, device=self.mask.device)[None, :] <= query_slots[:, None]
+        allowed = real & causal[None]  # (rows, length, K)
+        # A left-pad query has no real slot to attend to: let it see itself, so its
+        # (unused) output stays finite instead of the NaN of an empty softmax.
+        own = torch.arange(keys - self.length, keys, device=self.mask.device)
+        allowed[:, torch.arange(self.length), own] = True
+        return allowed[:, None]
+
+    def heads(self, states: torch.Tensor, start: int) -> torch.Tensor:
+        """This segment's part of a packed (1, H, T, hd) tensor as (rows, H, length, hd)."""
+        heads, dim = states.shape[1], states.shape[-1]
+        cut = states[0, :, start : start + self.tokens].view(heads, self.rows, self.length, dim)
+        return cut.transpose(0, 1)
+
+    def tokens_of(self, tensor: torch.Tensor, start: int) -> torch.Tensor:
+        """This segment's part of a packed (1, T, D) tensor as (rows, length, D)."""
+        return tensor[0, start : start + self.tokens].view(self.rows, self.length, -1)
+
+
+class Packed:
+    """The segments of one packed forward, in order, and the inputs that run it."""
+
+    def __init__(self, segments: Sequence[Segment]):
+        self.segments = list(segments)
+
+    def inputs(self) -> dict[str, Any]:
+        """The backbone's inputs: every segment's tokens as one sequence (1, T)."""
+        ids = torch.cat([s.ids.reshape(-1) for s in self.segments])
+        positions = torch.cat([s.positions.reshape(-1) for s in self.segments])
+        return {
+            "input_ids": ids[None],
+            "position_ids": positions[None],
+            "use_cache": False,  # each segment writes its own cache, in the attention
+            "packed": self,
+        }
+
+    def attend(
+        self,
+        module: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float | None,
+    ) -> torch.Tensor:
+        """One layer's attention, segment by segment: (1, H, T, hd) in, (1, T, H, hd) out."""
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        outputs = []
+        start = 0
+        for segment in self.segments:
+            keys, values = segment.cache.update(
+                segment.heads(key, start), segment.heads(value, start), module.layer_idx
+            )
+            out, _ = sdpa_attention_forward(
+                module,
+                segment.heads(query, start),
+                keys,
+                values,
+                segment.attention_mask,
+                scaling=scaling,
+                is_causal=False,
+            )  # (rows, length, H, hd)
+            outputs.append(out.reshape(1, segment.tokens, *out.shape[2:]))
+            start += segment.tokens
+        return torch.cat(outputs, dim=1)
+
+    def split(self, outputs: Any) -> list[SimpleNamespace]:
+        """Each segment's view of the packed outputs, shaped as its own forward's would be:
+        ``last_hidden_state`` and ``hidden_states`` (rows, length, D), ``past_key_values``."""
+        views = []
+        start = 0
+        states = getattr(outputs, "hidden_states", None)
+        for segment in self.segments:
+            views.append(
+                SimpleNamespace(
+                    last_hidden_state=segment.tokens_of(outputs.last_hidden_state, start),
+                    hidden_states=None
+                    if states is None
+                    else tuple(segment.tokens_of(s, start) for s in states),
+                    past_key_values=segment.cache,
+                )
+            )
+            start += segment.tokens
+        return views
+
+
+def packed_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    packed: Packed | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The served base's attention: per segment in a packed forward, else SDPA as before."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if packed is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    return packed.attend(module, query, key, value, scaling), None
+
+
+def install(model: Any) -> None:
+    """Point an HF causal LM's attention at ``packed_attention`` (idempotent).
+
+    Only a base whose attention is SDPA is switched (its masks stay SDPA's); any other
+    implementation is left alone, and the decoder does not pack for it (``installed``).
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    config = model.config
+    if config._attn_implementation == ATTENTION:
+        return
+    if config._attn_implementation != "sdpa":
+        return
+    AttentionInterface.register(ATTENTION, packed_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
+    config._attn_implementation = ATTENTION
+
+
+def installed(model: Any) -> bool:
+    return bool(model.config._attn_implementation == ATTENTION)
