@@ -43,6 +43,7 @@ from bench.common import (
 )
 from bench.serve_paths import Bench, Timing
 from customization.runtime import on_own_thread, set_up_torch
+from customization.serving import AdapterRef
 
 FULL = {
     "new_tokens": 128,
@@ -150,13 +151,38 @@ def _cold_loads(bench: Bench, args: argparse.Namespace) -> dict[str, float]:
     }
 
 
+def _mixed(bench: Bench, args: argparse.Namespace, work: Path) -> list[AdapterRef]:
+    return on_own_thread(
+        lambda: serve_scale.write_mixed_adapters(bench.base, max(args.concurrency), work / "mixed")
+    )
+
+
+def _join(bench: Bench, args: argparse.Namespace, mixed: list[AdapterRef]) -> dict[str, Any]:
+    """A long prompt joining running requests, ``repeats`` times: sizes as they are,
+    timings as medians."""
+    _log(f"a {args.long_prompt}-token prompt joining {args.running} running requests ...")
+    joins = [
+        serve_scale.long_prompt_join(
+            bench.base,
+            bench.mixed_prompts,
+            mixed,
+            prompt_tokens=args.long_prompt,
+            running=args.running,
+            new_tokens=args.new_tokens,
+        )
+        for _ in range(args.repeats)
+    ]
+    return {
+        key: value if isinstance(value, int) else _median_or_none([j[key] for j in joins])
+        for key, value in joins[0].items()
+    }
+
+
 def _scale(bench: Bench, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """The runs at scale (bench/serve_scale.py), on the batch-1 runs' base and prompts."""
     base, prompts = bench.base, bench.mixed_prompts
     _log(f"writing {max(args.concurrency)} mixed adapters and {args.population} small ones ...")
-    mixed = on_own_thread(
-        lambda: serve_scale.write_mixed_adapters(base, max(args.concurrency), work / "mixed")
-    )
+    mixed = _mixed(bench, args, work)
     population = on_own_thread(
         lambda: serve_scale.write_population(
             base, max(args.population, args.churn_adapters), work / "population"
@@ -179,22 +205,7 @@ def _scale(bench: Bench, args: argparse.Namespace, work: Path) -> dict[str, Any]
     )
     _log(f"cold loads over {len(population.refs)} adapters on disk ...")
     cold = serve_scale.cold_loads(base, population, args.population_loads)
-    _log(f"a {args.long_prompt}-token prompt joining {args.running} running requests ...")
-    joins = [
-        serve_scale.long_prompt_join(
-            base,
-            prompts,
-            mixed,
-            prompt_tokens=args.long_prompt,
-            running=args.running,
-            new_tokens=args.new_tokens,
-        )
-        for _ in range(args.repeats)
-    ]
-    join = {  # the sizes as they are, the timings as medians over the repeats
-        key: value if isinstance(value, int) else _median_or_none([j[key] for j in joins])
-        for key, value in joins[0].items()
-    }
+    join = _join(bench, args, mixed)
     return {"concurrency": concurrency, "churn": churn, "cold_loads": cold, "long_prompt": join}
 
 
@@ -324,6 +335,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--churn-requests", type=int)
     parser.add_argument("--long-prompt", type=int, help="tokens of the prompt that joins")
     parser.add_argument("--running", type=int, help="requests running when it joins")
+    parser.add_argument(
+        "--join-only",
+        action="store_true",
+        help="only the long prompt joining running requests (writes serve_join.json/.md)",
+    )
     return parse_sized(parser, argv, full=FULL, quick=QUICK)
 
 
@@ -338,10 +354,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bench.serve_report import markdown
 
     args = parse_args(argv)
+    if args.join_only:
+        joined = run_join(args)
+        for path in write_results(args.out, "serve_join", joined, join_markdown(joined)):
+            _log(f"wrote {path}")
+        return 0
     result = run(args)
     for path in write_results(args.out, "serve", result, markdown(result)):
         _log(f"wrote {path}")
     return 0
+
+
+def run_join(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the long-prompt join, as the full run measures it (to re-check a change)."""
+    set_up_torch(args.threads)
+    base_dir = resolve_base(args.base)
+    problems = load_problems(args.gsm8k, 0, max(args.prompts, args.adapters))
+    machine = machine_info(args.threads)
+    share = CpuShare(who=0)
+    with tempfile.TemporaryDirectory(prefix="serve-join-") as work:
+        bench = on_own_thread(lambda: Bench.build(base_dir, problems, args, Path(work)))
+        try:
+            join = _join(bench, args, _mixed(bench, args, Path(work)))
+        finally:
+            bench.close()
+    return {
+        "benchmark": "serve_join",
+        "machine": machine,
+        "settings": {key: getattr(args, key) for key in FULL},
+        "cpu_share_others": share.others(),
+        "long_prompt": join,
+    }
+
+
+def join_markdown(result: dict[str, Any]) -> str:
+    join, machine = result["long_prompt"], result["machine"]
+    return (
+        f"# Serving benchmark, the long-prompt join only\n\n"
+        f"`python -m bench.serve_bench --join-only`; {machine['date']}, commit "
+        f"{machine['git_commit']}; other processes used "
+        f"{100 * result['cpu_share_others']:.0f}% of the CPU.\n\n"
+        f"A {join['prompt_tokens']}-token prompt joining {join['running']} running requests "
+        f"(medians of {result['settings']['repeats']}): its time to first token "
+        f"{join['ttft_ms']:,.0f} ms; the others' normal step {join['normal_step_ms']:.1f} ms, "
+        f"their longest gap while it joins {join['join_gap_ms']:.1f} ms "
+        f"(**{join['join_gap_vs_normal_step']:.2f}×**, bound ≤ 2×), their median gap "
+        f"{join['join_gap_median_ms']:.1f} ms.\n"
+    )
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ DEFAULT_PREFILL_CHUNK = 256
 # on the machine, so it is learned, never below MIN_PREFILL_CHUNK tokens (nor above the
 # prefill chunk).
 PREFILL_SHARE_OF_STEP = 0.5
-MIN_PREFILL_CHUNK = 16
+MIN_PREFILL_CHUNK = 8
 
 
 def _group_taps(

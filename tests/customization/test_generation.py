@@ -383,9 +383,12 @@ def test_prefill_forwards_are_paced_to_the_running_rows_step(base: FrozenBase) -
     decoder._step_seconds = 0.1
     decoder._pace(64, 0.4)  # far over a step: back to the floor
     assert decoder._chunk_budget() == MIN_PREFILL_CHUNK
-    decoder._pace(16, 0.01)  # far under: it doubles, no more
-    assert decoder._chunk_budget() == 32
+    decoder._pace(MIN_PREFILL_CHUNK, 0.001)  # far under: it doubles, no more
+    assert decoder._chunk_budget() == 2 * MIN_PREFILL_CHUNK
     decoder._pace(32, 0.04)  # 32 tokens added 0.4 of a step: half a step fits 40
+    assert decoder._chunk_budget() == min(40, 4 * MIN_PREFILL_CHUNK)
+    decoder._paced_chunk = 32
+    decoder._pace(32, 0.04)
     assert decoder._chunk_budget() == 40
     decoder._pace(40, 0.0)  # lost in the step's noise: it doubles
     assert decoder._chunk_budget() == 80
