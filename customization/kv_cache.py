@@ -135,8 +135,19 @@ def trim_padding(cache: GrowingCache, mask: torch.Tensor) -> tuple[GrowingCache,
 
 
 def _from_layers(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> GrowingCache:
-    """A new cache holding a copy of each layer's (keys, values)."""
+    """A new cache holding a copy of each layer's (keys, values), with room to grow.
+
+    Without the room the next step's slot would not fit, and the step after a row joined or
+    left would copy the whole cache a second time to double it.
+    """
     cache = GrowingCache()
-    for index, (keys, values) in enumerate(layers):
-        cache.update(keys, values, index)
+    for keys, values in layers:
+        layer = GrowingLayer()
+        layer.lazy_initialization(keys)
+        length = int(keys.shape[-2])
+        layer._reallocate(keys, values, length + max(16, length // 4), 0)  # room, no copy
+        kept_keys, kept_values = layer._expose(length)
+        kept_keys.copy_(keys)
+        kept_values.copy_(values)
+        cache.layers.append(layer)
     return cache

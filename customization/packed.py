@@ -112,22 +112,14 @@ class Packed:
         scaling: float | None,
     ) -> torch.Tensor:
         """One layer's attention, segment by segment: (1, H, T, hd) in, (1, T, H, hd) out."""
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         outputs = []
         start = 0
         for segment in self.segments:
             keys, values = segment.cache.update(
                 segment.heads(key, start), segment.heads(value, start), module.layer_idx
             )
-            out, _ = sdpa_attention_forward(
-                module,
-                segment.heads(query, start),
-                keys,
-                values,
-                segment.attention_mask,
-                scaling=scaling,
-                is_causal=False,
+            out = _grouped_attention(
+                segment.heads(query, start), keys, values, segment.attention_mask, scaling
             )  # (rows, length, H, hd)
             outputs.append(out.reshape(1, segment.tokens, *out.shape[2:]))
             start += segment.tokens
@@ -151,6 +143,31 @@ class Packed:
             )
             start += segment.tokens
         return views
+
+
+def _grouped_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float | None,
+) -> torch.Tensor:
+    """SDPA with grouped key/value heads, without copying the keys and values per head.
+
+    transformers repeats each key/value head for its query heads whenever there is a mask
+    (a copy of the whole cache, every layer, every step); instead the query heads that
+    share a key/value head are stacked along the query axis, which is the same attention.
+    (rows, H, n, hd) queries over (rows, Hkv, K, hd) -> (rows, n, H, hd).
+    """
+    rows, heads, length, dim = query.shape
+    groups = heads // keys.shape[1]
+    folded = query.reshape(rows, keys.shape[1], groups * length, dim)
+    if mask is not None:
+        mask = mask.repeat(1, 1, groups, 1)  # (rows, 1, groups * n, K)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        folded, keys, values, attn_mask=mask, scale=scaling
+    )  # (rows, Hkv, groups * n, hd)
+    return out.reshape(rows, heads, length, dim).transpose(1, 2)
 
 
 def packed_attention(
