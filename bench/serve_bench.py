@@ -389,6 +389,11 @@ def run_join(args: argparse.Namespace) -> dict[str, Any]:
 
 def join_markdown(result: dict[str, Any]) -> str:
     join, machine = result["long_prompt"], result["machine"]
+
+    def figure(key: str, spec: str) -> str:
+        value = join.get(key)
+        return "n/a" if value is None else format(value, spec)
+
     return (
         f"# Serving benchmark, the long-prompt join only\n\n"
         f"`python -m bench.serve_bench --join-only`; {machine['date']}, commit "
@@ -396,10 +401,10 @@ def join_markdown(result: dict[str, Any]) -> str:
         f"{100 * result['cpu_share_others']:.0f}% of the CPU.\n\n"
         f"A {join['prompt_tokens']}-token prompt joining {join['running']} running requests "
         f"(medians of {result['settings']['repeats']}): its time to first token "
-        f"{join['ttft_ms']:,.0f} ms; the others' normal step {join['normal_step_ms']:.1f} ms, "
-        f"their longest gap while it joins {join['join_gap_ms']:.1f} ms "
-        f"(**{join['join_gap_vs_normal_step']:.2f}×**, bound ≤ 2×), their median gap "
-        f"{join['join_gap_median_ms']:.1f} ms.\n"
+        f"{figure('ttft_ms', ',.0f')} ms; the others' normal step "
+        f"{figure('normal_step_ms', '.1f')} ms, their longest gap while it joins "
+        f"{figure('join_gap_ms', '.1f')} ms (**{figure('join_gap_vs_normal_step', '.2f')}×**, "
+        f"bound ≤ 2×), their median gap {figure('join_gap_median_ms', '.1f')} ms.\n"
     )
 
 

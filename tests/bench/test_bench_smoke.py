@@ -120,3 +120,13 @@ def test_serve_bench_writes_every_comparison(
     assert scale["long_prompt"]["prompt_tokens"] > 0
     assert len(result["targets"]) == 9
     assert "# Serving benchmark" in (tmp_path / "serve.md").read_text("utf-8")
+
+    # --join-only reruns just the long-prompt join, into files of its own.
+    join_out = tmp_path / "join"
+    join_argv = [str(join_out) if a == str(tmp_path) else a for a in argv]
+    assert serve_bench.main([*join_argv, "--join-only"]) == 0
+    joined = json.loads((join_out / "serve_join.json").read_text("utf-8"))
+    assert joined["benchmark"] == "serve_join"
+    assert joined["long_prompt"]["running"] == 2
+    assert joined["long_prompt"]["prompt_tokens"] > 0
+    assert "long-prompt join only" in (join_out / "serve_join.md").read_text("utf-8")
