@@ -75,6 +75,17 @@ class Segment:
         allowed[:, torch.arange(self.length), own] = True
         return allowed[:, None]
 
+    def grouped_mask(self, groups: int) -> torch.Tensor | None:
+        """``attention_mask`` for queries stacked ``groups`` deep (``_grouped_attention``),
+        built once per forward."""
+        if self.attention_mask is None:
+            return None
+        cached = self.__dict__.setdefault("_grouped_masks", {})
+        if groups not in cached:
+            cached[groups] = self.attention_mask.repeat(1, 1, groups, 1)  # (rows, 1, g·n, K)
+        mask: torch.Tensor = cached[groups]
+        return mask
+
     def heads(self, states: torch.Tensor, start: int) -> torch.Tensor:
         """This segment's part of a packed (1, H, T, hd) tensor as (rows, H, length, hd)."""
         heads, dim = states.shape[1], states.shape[-1]
@@ -118,8 +129,9 @@ class Packed:
             keys, values = segment.cache.update(
                 segment.heads(key, start), segment.heads(value, start), module.layer_idx
             )
+            groups = query.shape[1] // keys.shape[1]
             out = _grouped_attention(
-                segment.heads(query, start), keys, values, segment.attention_mask, scaling
+                segment.heads(query, start), keys, values, segment.grouped_mask(groups), scaling
             )  # (rows, length, H, hd)
             outputs.append(out.reshape(1, segment.tokens, *out.shape[2:]))
             start += segment.tokens
@@ -149,7 +161,7 @@ def _grouped_attention(
     query: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    mask: torch.Tensor | None,
+    grouped_mask: torch.Tensor | None,
     scaling: float | None,
 ) -> torch.Tensor:
     """SDPA with grouped key/value heads, without copying the keys and values per head.
@@ -157,15 +169,14 @@ def _grouped_attention(
     transformers repeats each key/value head for its query heads whenever there is a mask
     (a copy of the whole cache, every layer, every step); instead the query heads that
     share a key/value head are stacked along the query axis, which is the same attention.
-    (rows, H, n, hd) queries over (rows, Hkv, K, hd) -> (rows, n, H, hd).
+    (rows, H, n, hd) queries over (rows, Hkv, K, hd) -> (rows, n, H, hd); the mask, if any,
+    is already repeated for the stacked queries (rows, 1, groups · n, K).
     """
     rows, heads, length, dim = query.shape
     groups = heads // keys.shape[1]
     folded = query.reshape(rows, keys.shape[1], groups * length, dim)
-    if mask is not None:
-        mask = mask.repeat(1, 1, groups, 1)  # (rows, 1, groups * n, K)
     out = torch.nn.functional.scaled_dot_product_attention(
-        folded, keys, values, attn_mask=mask, scale=scaling
+        folded, keys, values, attn_mask=grouped_mask, scale=scaling
     )  # (rows, Hkv, groups * n, hd)
     return out.reshape(rows, heads, length, dim).transpose(1, 2)
 
