@@ -55,7 +55,7 @@ FULL = {
     "depths": "16,12,L,8,4,2",
     "tail_lrs": "2e-3",
     "lora_lrs": "2e-3,1e-3,5e-4,2e-4",
-    "extra": "tail:16:1e-3:8,tail:16:2e-3:16",
+    "extra": "tail:12:2e-3:8:1,tail:16:1e-3:8,tail:16:2e-3:16",
     "timing_problems": 64,
     "timing_depths": "16,12,L",
 }
@@ -87,17 +87,20 @@ def _depth(text: str, num_layers: int) -> int:
 
 @dataclass(frozen=True)
 class Run:
-    """One configuration of the sweep: its kind, depth (tails), learning rate and rank."""
+    """One configuration of the sweep: its kind, depth (tails), learning rate, rank and,
+    where it is not the sweep's, its own number of epochs (the schedule decays over them)."""
 
     kind: str  # "carry_on", "tail" or "lora"
     learning_rate: float | None = None
     depth: int | None = None
     rank: int = 8
+    epochs: int | None = None
 
     @property
     def run_id(self) -> str:
         if self.kind == "tail":
-            return f"tail-k{self.depth}-r{self.rank}-lr{self.learning_rate:g}"
+            epochs = f"-ep{self.epochs}" if self.epochs else ""
+            return f"tail-k{self.depth}-r{self.rank}-lr{self.learning_rate:g}{epochs}"
         if self.kind == "lora":
             return f"lora-all-lr{self.learning_rate:g}"
         return "carry-on"
@@ -106,7 +109,8 @@ class Run:
     def name(self) -> str:
         if self.kind == "tail":
             rank = "" if self.rank == 8 else f" r={self.rank}"
-            return f"tail k={self.depth}{rank}"
+            epochs = "" if not self.epochs else f", {self.epochs} epoch{'s' * (self.epochs > 1)}"
+            return f"tail k={self.depth}{rank}{epochs}"
         return {"lora": "PEFT LoRA all-linear", "carry_on": "carry-on (fast)"}[self.kind]
 
 
@@ -117,9 +121,11 @@ def plan(args: argparse.Namespace, num_layers: int) -> list[Run]:
     tails = [Run("tail", lr, d) for d in depths for lr in _floats(args.tail_lrs)]
     loras = [Run("lora", lr) for lr in _floats(args.lora_lrs)]
     extra = []
-    for item in (x for x in args.extra.split(",") if x):
-        _, depth, lr, rank = item.split(":")
-        extra.append(Run("tail", float(lr), _depth(depth, num_layers), int(rank)))
+    for item in (x for x in args.extra.split(",") if x):  # tail:depth:lr:rank[:epochs]
+        _, depth, lr, rank, *epochs = item.split(":")
+        extra.append(
+            Run("tail", float(lr), _depth(depth, num_layers), int(rank), *map(int, epochs))
+        )
     # Interleave: LoRA's likely best rate, the deep tails, then the rest.
     head, rest = loras[:1] + tails[:3], loras[1:2] + tails[3:] + [Run("carry_on")]
     return head + rest + extra + loras[2:]
@@ -150,6 +156,7 @@ def _run_spec(run: Run, args: argparse.Namespace, work: Path, base_dir: Path) ->
             learning_rate=run.learning_rate,
             tail={"depth": run.depth, "rank": run.rank},
             **out,
+            **({"epochs": run.epochs} if run.epochs else {}),
         )
     return _spec(args, work, base_dir, kind="carry_on", carry_on={}, **out)
 
