@@ -72,6 +72,7 @@ def _churn_table(churn: dict[str, Any]) -> str:
             run["adapter_loads"],
             run["adapter_hits"],
             fmt(run["cache_bytes_at_end"] / mib, 2),
+            fmt(run["rss_peak_bytes"] / mib if "rss_peak_bytes" in run else None, 1),
             fmt(run["rss_growth_bytes"] / mib, 1),
         ]
         for name, run in (("all hot", churn["all_hot"]), ("churn", churn["churn"]))
@@ -82,7 +83,8 @@ def _churn_table(churn: dict[str, Any]) -> str:
         "adapter loads",
         "cache hits",
         "cache at the end (MiB)",
-        "process RSS growth (MiB)",
+        "process peak RSS (MiB)",
+        "process RSS growth, idle again (MiB)",
     ]
     return md_table(headers, rows)
 
@@ -106,7 +108,9 @@ def _scale_markdown(scale: dict[str, Any]) -> str:
             "loaded adapters); all hot: the same requests over as many adapters as the cache "
             f"holds, loaded before. Churn / all hot: {_times(churn['churn_vs_all_hot'], 3)}. "
             "The all-hot run goes first and brings the allocator to the batch's working set; "
-            "what the process holds after churn beyond that: "
+            "what the process holds under churn beyond that, at its peak while serving: "
+            f"{fmt(churn.get('churn_peak_over_all_hot_bytes', 0) / (1024 * 1024), 1)} MiB; "
+            "once the engine is idle again: "
             f"{fmt(churn.get('churn_rss_over_all_hot_bytes', 0) / (1024 * 1024), 1)} MiB.\n\n",
             _churn_table(churn),
             f"\n## Cold loads: {cold['loads']} misses among {cold['adapters_on_disk']} "

@@ -89,6 +89,29 @@ def rss_bytes() -> int:
     return 0
 
 
+class PeakRss:
+    """The highest resident set seen while the block runs, sampled every ``interval`` s."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.peak = rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
 # -- the adapters --------------------------------------------------------------------------
 
 
@@ -256,20 +279,22 @@ def churn(
                     )
                     total.stamps.extend(done.stamps)
 
-            results, seconds = run_together([client] * clients)
+            with PeakRss() as peak:
+                results, seconds = run_together([client] * clients)
             entries, nbytes, loads, hits = engine.adapters.stats()
-            rss_end = rss_bytes()
-            return {
-                "tokens_per_second": _rate(results, seconds),
-                "adapter_loads": loads - (len(refs) if warm else 0),
-                "adapter_hits": hits,
-                "cache_entries_at_end": entries,
-                "cache_bytes_at_end": nbytes,
-                "rss_growth_bytes": rss_end - rss_before,
-                "rss_end_bytes": rss_end,
-            }
         finally:
-            engine.shutdown()
+            engine.shutdown()  # waits for the decode thread to end, as it does when idle
+        rss_end = rss_bytes()
+        return {
+            "tokens_per_second": _rate(results, seconds),
+            "adapter_loads": loads - (len(refs) if warm else 0),
+            "adapter_hits": hits,
+            "cache_entries_at_end": entries,
+            "cache_bytes_at_end": nbytes,
+            "rss_growth_bytes": rss_end - rss_before,
+            "rss_end_bytes": rss_end,
+            "rss_peak_bytes": peak.peak,
+        }
 
     hot = run(pool[:cache_entries], warm=True)  # also brings the allocator to the working set
     cold = run(pool, warm=False)
@@ -282,8 +307,10 @@ def churn(
         "all_hot": hot,
         "churn": cold,
         "churn_vs_all_hot": ratio(cold["tokens_per_second"], hot["tokens_per_second"]),
-        # What churning through the adapters holds beyond serving the same requests hot.
+        # What churning through the adapters holds beyond serving the same requests hot:
+        # once the engine is idle again, and at the peak while serving.
         "churn_rss_over_all_hot_bytes": cold["rss_end_bytes"] - hot["rss_end_bytes"],
+        "churn_peak_over_all_hot_bytes": cold["rss_peak_bytes"] - hot["rss_peak_bytes"],
     }
 
 

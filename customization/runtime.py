@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 if TYPE_CHECKING:
     from customization.base_model import FrozenBase
@@ -55,18 +55,36 @@ def cap_malloc_arenas(arenas: int) -> bool:
     churn run, 8 clients; its tokens/s moved within run-to-run noise). Call it before the
     threads start.
     """
+    libc = _glibc()
+    return bool(libc.mallopt(_M_ARENA_MAX, arenas)) if libc is not None else False
+
+
+def _glibc() -> Any:
+    """The C library where it is glibc (whose mallopt and malloc_trim are called), else None."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
-        mallopt = getattr(libc, "mallopt", None)
     except OSError:
-        return False
-    if mallopt is None or not hasattr(libc, "gnu_get_libc_version"):
-        return False
-    return bool(mallopt(_M_ARENA_MAX, arenas))
+        return None
+    return libc if libc is not None and hasattr(libc, "gnu_get_libc_version") else None
+
+
+def release_free_memory() -> bool:
+    """Give the pages malloc holds free back to the operating system (glibc's
+    ``malloc_trim``); False where the C library is not glibc.
+
+    With one arena (``cap_malloc_arenas``) a serving process still kept what it had freed
+    inside its heap: after serving requests over 1,000 adapters through a 17 MiB cache its
+    resident set sat 66 to 107 MiB above the same requests served hot, though the cache
+    itself stayed at its bound; a trim at the end handed back 126 MiB. Walking the heap
+    takes milliseconds, so the serving engine calls it when a busy spell ends and after
+    each cache's worth of evicted adapters, not every step.
+    """
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False
 
 
 def on_own_thread(work: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

@@ -37,6 +37,7 @@ from customization.config import GenerationConfig
 from customization.decode_state import DecodeCounters, DecodeSequence, ServedAdapter
 from customization.decoder import DEFAULT_PREFILL_CHUNK, BatchDecoder
 from customization.errors import CustomizationError, EngineOverloaded
+from customization.runtime import release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,12 @@ class AdapterRef:
 
 
 class AdapterCache:
-    """An LRU of loaded adapters (carry-ons and tails) bounded by their parameter bytes."""
+    """An LRU of loaded adapters (carry-ons and tails) bounded by their parameter bytes.
+
+    Each time a cache's worth of adapters has been evicted, the memory malloc holds free is
+    handed back (``runtime.release_free_memory``), so the process, not only the cache,
+    stays within the bound under churn.
+    """
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -62,6 +68,8 @@ class AdapterCache:
         self._loading: dict[tuple[str, str], Future[ServedAdapter]] = {}
         self._lock = threading.Lock()
         self._nbytes = 0
+        self._evicted_bytes = 0  # since the last release of free memory
+        self.memory_releases = 0
         self.loads = 0
         self.hits = 0  # gets served without loading (waiting on another's load included)
 
@@ -104,7 +112,13 @@ class AdapterCache:
             del self._loading[key]
             self.loads += 1
             self._insert(key, loaded, size)
+            release = self._evicted_bytes >= max(self.max_bytes, 1)
+            if release:
+                self._evicted_bytes = 0
+                self.memory_releases += 1
         flight.set_result(loaded)
+        if release:
+            release_free_memory()
         return loaded
 
     @staticmethod
@@ -131,14 +145,17 @@ class AdapterCache:
         self._sha256_of[key[0]] = key[1]
         self._nbytes += size
         while self._nbytes > self.max_bytes and len(self._items) > 1:
-            self._drop(next(iter(self._items))[0])
+            self._evicted_bytes += self._drop(next(iter(self._items))[0])
 
-    def _drop(self, adapter_id: str) -> None:
-        """Remove an adapter's entry, if cached (caller holds the lock); no scan of the LRU,
-        which may hold thousands of small adapters."""
+    def _drop(self, adapter_id: str) -> int:
+        """Remove an adapter's entry, if cached (caller holds the lock), and return its
+        bytes; no scan of the LRU, which may hold thousands of small adapters."""
         sha256 = self._sha256_of.pop(adapter_id, None)
-        if sha256 is not None:
-            self._nbytes -= self._items.pop((adapter_id, sha256))[1]
+        if sha256 is None:
+            return 0
+        size = self._items.pop((adapter_id, sha256))[1]
+        self._nbytes -= size
+        return size
 
     def evict(self, adapter_id: str) -> None:
         with self._lock:
@@ -257,10 +274,12 @@ class _BaseWorker:
         a decode thread makes end with it (``runtime.on_own_thread`` says why that matters),
         so while the engine is idle the process holds none of them, and other work in it
         (a benchmark's peers, for one) runs at full speed. Starting one costs well under a
-        millisecond, once per spell.
+        millisecond, once per spell. A spell's end also hands the memory its caches and
+        activations freed back to the operating system (``runtime.release_free_memory``).
         """
         while not self._stop.is_set():
             if not self.decoder.active and self.waiting.empty():
+                release_free_memory()  # milliseconds; a request queued meanwhile waits them
                 with self._thread_lock:
                     if self.waiting.empty():
                         self._thread = None

@@ -16,6 +16,7 @@ from customization.runtime import (
     BaseCache,
     cap_malloc_arenas,
     on_own_thread,
+    release_free_memory,
     resolve_device,
 )
 
@@ -59,6 +60,42 @@ def test_the_allocators_arenas_are_capped_on_glibc() -> None:
     assert MALLOC_ARENAS == 1
     # Elsewhere (musl, macOS) there is no such knob and the call says so instead of failing.
     assert cap_malloc_arenas(MALLOC_ARENAS) is (platform.libc_ver()[0] == "glibc")
+
+
+_FREED_INSIDE_THE_HEAP = """
+from customization.runtime import release_free_memory
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+blocks = [bytearray(64 * 1024) for _ in range(2000)]  # 125 MiB of small heap blocks
+keep = blocks[-1]  # the last one pins the top of the heap, so free() cannot shrink it
+del blocks
+held = rss()
+released = release_free_memory()
+print(released, held - rss())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_memory_freed_inside_the_heap_goes_back_to_the_system() -> None:
+    """Blocks freed below a live one stay resident until released: the release hands
+    their pages back (a fresh process, so the heap holds nothing else)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _FREED_INSIDE_THE_HEAP],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    ).stdout.split()
+    assert out[0] == "True"
+    assert int(out[1]) > 100 * 1024 * 1024
+
+
+def test_releasing_free_memory_is_safe_anywhere() -> None:
+    """Called with nothing to give back, or where the C library is not glibc, it says so
+    with False instead of failing."""
+    assert isinstance(release_free_memory(), bool)
 
 
 def test_work_on_its_own_thread_returns_its_value_and_raises_its_error() -> None:

@@ -175,6 +175,22 @@ def test_cache_evicts_least_recently_used_beyond_its_byte_bound(base, tmp_path):
     assert cache.loads == 4
 
 
+def test_cache_hands_memory_back_after_each_cache_worth_of_evictions(base, tmp_path):
+    """Under churn the cache releases what malloc holds free once a whole cache's worth of
+    adapters has been evicted (not on every eviction: walking the heap takes time)."""
+    refs = [_saved(base, tmp_path, name, seed=i) for i, name in enumerate("abcdef")]
+    one = AdapterCache(max_bytes=1 << 30)
+    size = sum(p.numel() * p.element_size() for p in one.get(refs[0], base).parameters())
+    cache = AdapterCache(max_bytes=2 * size)
+    releases = []
+    for ref in refs:
+        cache.get(ref, base)
+        releases.append(cache.memory_releases)
+    # Loads 3 and 4 evict one adapter each: the cache's worth (2) is reached at load 4;
+    # loads 5 and 6 evict two more: the second release.
+    assert releases == [0, 0, 0, 1, 1, 2]
+
+
 def test_n_choices_with_seed_are_reproducible(base):
     """n sampled choices with a seed differ from each other and repeat across runs."""
     engine = _engine(base)
