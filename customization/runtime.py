@@ -9,6 +9,7 @@ function bodies, so importing this module is cheap for a process that never runs
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import Callable
@@ -85,6 +86,28 @@ def release_free_memory() -> bool:
     """
     libc = _glibc()
     return bool(libc.malloc_trim(0)) if libc is not None else False
+
+
+def freeze_long_lived_objects() -> int:
+    """Move every object alive now out of the cyclic collector's reach (``gc.freeze``, a
+    constant-time move); returns how many objects are frozen.
+
+    A loaded base is a few hundred thousand Python objects (modules, parameters, the
+    tokenizer), all alive for the process's life. Left in the oldest generation, each full
+    collection walked all of them: 220-270 ms on this machine, triggered every so often by
+    the objects a decode step makes, which put one step in about a hundred at two to three
+    times a normal step. Frozen, a full collection walks only what came after. The serving
+    engine calls it after each base it loads and ``unfreeze_objects`` at shutdown.
+    Objects that die by reference count are freed as ever; cycles among the frozen wait for
+    the unfreeze (no collection first: that is the quarter-second walk this avoids).
+    """
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
+def unfreeze_objects() -> None:
+    """Give the frozen objects back to the collector (their cycles can be collected again)."""
+    gc.unfreeze()
 
 
 def on_own_thread(work: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

@@ -37,7 +37,11 @@ from customization.config import GenerationConfig
 from customization.decode_state import DecodeCounters, DecodeSequence, ServedAdapter
 from customization.decoder import DEFAULT_PREFILL_CHUNK, BatchDecoder
 from customization.errors import CustomizationError, EngineOverloaded
-from customization.runtime import release_free_memory
+from customization.runtime import (
+    freeze_long_lived_objects,
+    release_free_memory,
+    unfreeze_objects,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -382,6 +386,9 @@ class ServingEngine:
                     self._base_loader(name), self.max_batch_size, self.prefill_chunk
                 )
                 self._workers[name] = worker
+                # The base's objects live as long as the process: out of the collector's
+                # full passes, which otherwise stall a decode step now and then.
+                freeze_long_lived_objects()
                 logger.info("loaded base %s in %.1f s", name, time.perf_counter() - started)
             return worker
 
@@ -446,3 +453,5 @@ class ServingEngine:
     def shutdown(self) -> None:
         for worker in self._workers.values():
             worker.stop(timeout=5)
+        if self._workers:
+            unfreeze_objects()

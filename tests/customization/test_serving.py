@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import threading
@@ -126,6 +127,21 @@ def test_the_decode_thread_ends_when_idle_and_the_next_request_starts_one(base):
     assert engine.submit("tiny", prompt, GREEDY).result(timeout=30) == first
     assert _idles(worker)
     engine.shutdown()
+
+
+def test_a_loaded_base_is_kept_out_of_the_collectors_full_passes(base):
+    """Once an engine has its base, the objects alive then (the base's modules, parameters
+    and tokenizer among them) are frozen out of the cyclic collector, whose full passes
+    over them stalled decode steps; shutdown gives them back."""
+    engine = _engine(base)
+    engine.submit("tiny", _prompt(base, "hi"), GREEDY).result(timeout=30)
+    frozen = gc.get_freeze_count()
+    assert frozen > 0
+    tracked = {id(o) for o in gc.get_objects()}  # only the collector's generations
+    assert id(base.model) not in tracked
+    engine.shutdown()
+    assert gc.get_freeze_count() == 0
+    assert any(o is base.model for o in gc.get_objects())
 
 
 def test_full_queue_is_refused_with_engine_overloaded(base):
