@@ -5,10 +5,12 @@ Correctness of the harness only; nothing here asserts anything about speed.
 
 from __future__ import annotations
 
+import argparse
 import json
+from pathlib import Path
 from typing import Any
 
-from bench.presets_bench import analyse
+from bench.presets_bench import FULL, _run_spec, analyse, plan
 
 
 def _run(run_id: str, kind: str, loss: float, seconds: float, rss: float, **extra: Any) -> dict:
@@ -45,6 +47,22 @@ def test_balanced_is_the_cheapest_within_ten_percent_and_best_the_closest() -> N
     assert k8["first_job_ratio"] == 0.5
     assert k8["rss_ratio"] == 0.4
     assert k8["time_source"] == "own clock"
+
+
+def test_an_extra_run_may_train_for_its_own_number_of_epochs() -> None:
+    """``tail:depth:lr:rank:epochs`` is a run of its own (id and name say so) whose child
+    trains that many epochs, its schedule decaying over them; without the fifth field a run
+    trains the sweep's epochs."""
+    args = argparse.Namespace(
+        **FULL | {"extra": "tail:12:2e-3:8:1,tail:16:1e-3:8", "base": None, "gsm8k": None}
+    )
+    args.threads = 2
+    extras = plan(args, num_layers=30)[-4:-2]
+    assert [r.run_id for r in extras] == ["tail-k12-r8-lr0.002-ep1", "tail-k16-r8-lr0.001"]
+    assert extras[0].name == "tail k=12, 1 epoch"
+    one, swept = (_run_spec(r, args, Path("/w"), Path("/b")) for r in extras)
+    assert (one["epochs"], one["tail"]) == (1, {"depth": 12, "rank": 8})
+    assert swept["epochs"] == FULL["epochs"]
 
 
 def test_side_by_side_timing_replaces_the_runs_own_clocks() -> None:
