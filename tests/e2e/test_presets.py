@@ -17,6 +17,7 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from playwright.sync_api import Error as PlaywrightError
 
+from customization.presets import PRESETS
 from tests.e2e.conftest import Tab
 from tests.factories import PASSWORD, FileFactory, UserFactory
 from tests.helpers.celery_workers import Workers
@@ -96,8 +97,9 @@ def test_a_preset_picked_in_the_form_trains_a_tail_to_chat_with(
     assert status == "succeeded", f"{page.inner_text('main')}\n{pool.tail()}"
     job = FineTuningJob.objects.get()
     adapter = Adapter.objects.get(job=job)
-    assert (job.kind, job.preset, job.tail["depth"]) == ("tail", "balanced", 16)
-    assert (adapter.kind, adapter.depth, adapter.preset) == ("tail", 16, "balanced")
+    depth = PRESETS["balanced"].tail_depth(smollm2.fingerprint["num_layers"])
+    assert (job.kind, job.preset, job.tail["depth"]) == ("tail", "balanced", depth)
+    assert (adapter.kind, adapter.depth, adapter.preset) == ("tail", depth, "balanced")
     tab.shot("presets-02-job-succeeded")
 
     # Chat with it in the playground: the answer streams in.
@@ -112,7 +114,7 @@ def test_a_preset_picked_in_the_form_trains_a_tail_to_chat_with(
     # The adapter list names its kind, depth and preset.
     tab.go("/adapters/")
     row = " ".join(page.locator("tbody tr").first.inner_text().split())
-    assert "tail depth 16 preset balanced" in row, row
+    assert f"tail depth {depth} preset balanced" in row, row
     tab.shot("presets-04-adapters")
     with page.expect_download() as download_info:
         page.get_by_role("link", name="Download").click()

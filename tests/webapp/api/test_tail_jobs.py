@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from customization.presets import PRESETS
 from tests.factories import AdapterFactory, FileFactory, FineTuningJobFactory, UserFactory
 from tests.helpers.celery_workers import Workers
 from tests.webapp.api.conftest import create_job, openai_client
@@ -106,7 +107,11 @@ def test_each_preset_trains_and_chats_through_the_openai_client(
     client = openai_client(live_server, user, timeout=600)
     uploaded = client.files.create(file=("demo.jsonl", _demo_jsonl(12)), purpose="fine-tune")
     layers = smollm2.fingerprint["num_layers"]
-    expected = {"fast": ("carry_on", None), "balanced": ("tail", 16), "best": ("tail", layers)}
+    expected = {
+        "fast": ("carry_on", None),
+        "balanced": ("tail", PRESETS["balanced"].tail_depth(layers)),
+        "best": ("tail", layers),
+    }
     jobs = {}
     for preset, (kind, depth) in expected.items():
         job = client.fine_tuning.jobs.create(

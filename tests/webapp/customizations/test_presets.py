@@ -55,13 +55,18 @@ def _create(**arguments: Any) -> FineTuningJob:
     return job_create(user=user, training_file=FileFactory(owner=user).id, **arguments)
 
 
+BALANCED_DEPTH = PRESETS["balanced"].options["depth"]
+
+
 @pytest.mark.parametrize(
-    ("preset", "kind", "depth"), [("fast", "carry_on", None), ("balanced", "tail", 16)]
+    ("preset", "kind", "depth"), [("fast", "carry_on", None), ("balanced", "tail", BALANCED_DEPTH)]
 )
 def test_a_preset_sets_the_kind_and_fills_its_defaults(
     deep_base: BaseModel, preset: str, kind: str, depth: int | None
 ) -> None:
-    """fast is the default carry-on, balanced a depth-16 tail with the tail defaults."""
+    """fast is the default carry-on, balanced a tail of its benchmarked depth (fewer layers
+    than the 30-layer base) with the tail defaults."""
+    assert BALANCED_DEPTH < 30
     job = _create(model="deep", preset=preset)
     assert (job.kind, job.preset) == (kind, preset)
     if kind == "tail":
@@ -80,7 +85,7 @@ def test_the_best_preset_clamps_its_depth_to_the_base(deep_base: BaseModel) -> N
 
 
 def test_a_presets_depth_clamps_on_a_shallow_base(tiny_base_model: Any) -> None:
-    """balanced's 16 layers become 2 on a two-layer base rather than an error."""
+    """balanced's depth becomes 2 on a two-layer base rather than an error."""
     assert _create(preset="balanced").tail["depth"] == 2
 
 
