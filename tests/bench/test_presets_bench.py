@@ -82,6 +82,26 @@ def test_side_by_side_timing_replaces_the_runs_own_clocks() -> None:
     assert tail["first_job_ratio"] == 0.55  # (50 + 5) / 100
 
 
+def test_only_runs_timed_side_by_side_compete_for_balanced() -> None:
+    """A run whose time is only its own clock (LoRA's own clock was slowed by other work)
+    cannot be picked as the cheapest; it still counts for best, which is about loss."""
+    runs = [
+        _run("lora-all-lr0.002", "lora", 0.90, 999.0, 10.0),
+        _run("tail-k12", "tail", 0.97, 1.0, 5.0, depth=12),
+        _run("tail-k30", "tail", 0.90, 1.0, 10.0, depth=30),  # not in the timing
+    ]
+    timing = {
+        "peer": "lora-all-lr0.002",
+        "epoch_seconds": {"lora-all-lr0.002": 50.0, "tail-k12": 22.0},
+        "extraction_seconds": {"tail-k12": 5.0},
+    }
+    result = analyse(runs, timing)
+    assert runs[2]["time_source"] == "own clock"
+    assert runs[2]["first_job_ratio"] < runs[1]["first_job_ratio"]  # skewed, so not used
+    assert result["balanced"]["name"] == "tail-k12"
+    assert result["best"]["name"] == "tail-k30"
+
+
 def test_the_sweep_stores_each_run_and_resumes(
     tiny_base_dir, toy_problems, tmp_path, restore_threads
 ) -> None:
