@@ -4,8 +4,9 @@
     .venv/bin/python -m bench.serve_bench --quick    # a smoke-sized run
 
 Greedy decoding at batch 1 (tokens/s, time to first token) for the base through
-``transformers.generate`` and through our engine, base + carry-on through our engine and
-base + PEFT LoRA (unmerged); mixed-adapter concurrency against PEFT and cold adapter loads.
+``transformers.generate`` and through our engine, base + carry-on and base + a `balanced`
+preset tail through our engine, and base + PEFT LoRA (unmerged); mixed-adapter
+concurrency against PEFT and cold adapter loads.
 Then serving at scale (bench/serve_scale.py): 1, 8 and 32 requests at once on as many
 adapters (carry-ons and tails) against the base alone and one by one; adapter churn over
 1,000 adapters with a cache of 64 against all hot, with the process's memory; cold-load
@@ -98,6 +99,7 @@ def _batch_one(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         "transformers generate, base": bench.hf_base,
         "engine, base": bench.engine_base,
         "engine, base + carry-on": bench.engine_carry_on,
+        "engine, base + balanced tail": bench.engine_balanced,
         "PEFT generate, LoRA q/v unmerged": bench.peft_qv,
         "PEFT generate, LoRA all-linear unmerged": bench.peft_all,
     }
@@ -228,6 +230,12 @@ def _targets(batch: dict[str, Any], scale: dict[str, Any]) -> Any:
             at_most=False,
         ),
         target_line(
+            "`balanced` tail / base, batch 1 (issue 13)",
+            ratio(batch["engine, base + balanced tail"]["tokens_per_second"], engine_base),
+            0.95,
+            at_most=False,
+        ),
+        target_line(
             "8 requests on 8 adapters / one by one",
             eight.get("adapters_vs_one_by_one"),
             3,
@@ -291,6 +299,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     share = CpuShare(who=0)  # RUSAGE_SELF: everything runs in this process
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as work:
         bench = on_own_thread(lambda: Bench.build(base_dir, problems, args, Path(work)))
+        bench.balanced_ref = on_own_thread(
+            lambda: serve_scale.write_mixed_adapters(bench.base, 2, Path(work) / "balanced")[1]
+        )
         try:
             batch = _batch_one(bench, args)
             concurrency = _concurrency(bench, args)

@@ -82,6 +82,8 @@ class Bench:
     peft: dict[str, Any]
     lora_dir: Path
     carry_on_config: dict[str, Any]
+    # A `balanced` preset tail (issue 13's decoding line), written by the caller.
+    balanced_ref: AdapterRef | None = None
     _cold: list[str] = field(default_factory=list)
 
     @classmethod
@@ -170,6 +172,10 @@ class Bench:
 
     def engine_carry_on(self, prompt: list[int], new_tokens: int) -> Timing:
         return self._engine(prompt, new_tokens, self.refs[0])
+
+    def engine_balanced(self, prompt: list[int], new_tokens: int) -> Timing:
+        assert self.balanced_ref is not None, "write a balanced tail first"
+        return self._engine(prompt, new_tokens, self.balanced_ref)
 
     # -- several adapters at once -------------------------------------------------------------
 

@@ -45,7 +45,7 @@ def test_train_bench_writes_every_run(tiny_base_dir, toy_problems, tmp_path, res
         assert all(e["valid_loss"] is not None for e in run["epochs"])
     assert result["cache_hit_job"]["cache_hit"] is True
     # issue 5's four lines, then the quality issue's five (LoRA all-linear's figures absent)
-    assert len(result["targets"]) == 9
+    assert len(result["targets"]) == 10
     assert [t["met"] for t in result["targets"][5:]] == [None] * 4
     assert set(result["exact_match"]) == {"base", "carry-on", "lora-qv"}
     for em in result["exact_match"].values():
@@ -99,7 +99,8 @@ def test_serve_bench_writes_every_comparison(
     ]
     assert serve_bench.main(argv) == 0
     result = json.loads((tmp_path / "serve.json").read_text("utf-8"))
-    assert len(result["batch_1"]) == 5
+    assert len(result["batch_1"]) == 6
+    assert "engine, base + balanced tail" in result["batch_1"]
     for figures in result["batch_1"].values():
         # A random toy model may stop at once: the figures exist, whatever their size.
         assert figures["tokens_per_second"] >= 0
@@ -114,11 +115,12 @@ def test_serve_bench_writes_every_comparison(
     assert scale["concurrency"]["2"]["one_by_one_tokens_per_second"] is not None
     assert scale["churn"]["adapters"] == 10
     assert scale["churn"]["churn"]["cache_bytes_at_end"] <= scale["churn"]["cache_bound_bytes"]
+    assert scale["churn"]["churn"]["rss_peak_bytes"] > 0
     assert scale["cold_loads"]["adapters_on_disk"] == 12
     assert scale["cold_loads"]["loads"] == 5
     assert 0 < scale["cold_loads"]["p50_ms"] <= scale["cold_loads"]["p99_ms"]
     assert scale["long_prompt"]["prompt_tokens"] > 0
-    assert len(result["targets"]) == 9
+    assert len(result["targets"]) == 10
     assert "# Serving benchmark" in (tmp_path / "serve.md").read_text("utf-8")
 
     # --join-only reruns just the long-prompt join, into files of its own.
