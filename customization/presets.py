@@ -1,14 +1,16 @@
 """Presets a user understands: one name for an adapter kind, its shape and its schedule.
 
     fast      the ladder carry-on: cheapest to train, reads 8 cached states
-    balanced  a tail over the base's top 16 layers (LoRA on every linear)
+    balanced  a tail over the base's top 12 layers (LoRA on every linear)
     best      a tail over every layer: LoRA on all linear layers, trained from the embeddings
 
-Picked by ``bench/presets_bench.py`` (bench/results/presets_64x32.md: 64 training / 32 held-out
-GSM8K problems, 2 epochs, PEFT LoRA all-linear tuned over four learning rates, best 2e-3):
-``balanced`` is the cheapest run within 10 % of tuned LoRA's loss (depth 16: 1.07x; depth 8
-was 1.20x), ``best`` the closest (every layer: 1.00x). The 512 / 128 run may move them.
-A preset only fills defaults: explicit options given with it win.
+Picked by ``bench/presets_bench.py`` at 512 training / 128 held-out GSM8K problems, 3 epochs,
+against PEFT LoRA all-linear at its best learning rate so far (2e-3, held-out 0.744; 1e-3
+gave 0.745; bench/results/presets.md): ``balanced`` is the cheapest run within 10 % of
+tuned LoRA's loss among those timed side by side (depth 12: 1.076x, its first job 0.58x
+LoRA's time to its best epoch, training-node peak RSS 0.49x; depth 16 was 1.035x at 0.75x,
+depth 8 1.151x), ``best`` the closest (every layer: 1.000x). A preset only fills defaults:
+explicit options given with it win.
 """
 
 from __future__ import annotations
@@ -49,17 +51,17 @@ PRESETS: dict[str, Preset] = {
             kind="carry_on",
             summary=(
                 "carry-on: a 2-block ladder over 8 cached states; the cheapest job "
-                "(held-out loss 1.28x tuned LoRA's in the presets benchmark)"
+                "(held-out loss 1.27x tuned LoRA's in the presets benchmark)"
             ),
         ),
         Preset(
             name="balanced",
             kind="tail",
             summary=(
-                "tail: LoRA on the base's top 16 layers from one cached state "
-                "(held-out loss 1.07x tuned LoRA's, about half of LoRA's work per epoch)"
+                "tail: LoRA on the base's top 12 layers from one cached state "
+                "(held-out loss 1.08x tuned LoRA's, under half of LoRA's work per epoch)"
             ),
-            options={"depth": 16},
+            options={"depth": 12},
             learning_rate=TAIL_LEARNING_RATE,
         ),
         Preset(

@@ -275,7 +275,7 @@ def test_the_estimate_endpoint_answers_for_the_kind_and_every_preset(
 
     fast, balanced, best = (seconds(model="deep", preset=p) for p in ("fast", "balanced", "best"))
     assert fast < balanced < best
-    custom = seconds(model="deep", preset="custom", kind="tail", depth=16)
+    custom = seconds(model="deep", preset="custom", kind="tail", depth=BALANCED_DEPTH)
     assert custom == balanced
 
 
