@@ -45,7 +45,7 @@ def test_train_bench_writes_every_run(tiny_base_dir, toy_problems, tmp_path, res
         assert all(e["valid_loss"] is not None for e in run["epochs"])
     assert result["cache_hit_job"]["cache_hit"] is True
     # issue 5's four lines, then the quality issue's five (LoRA all-linear's figures absent)
-    assert len(result["targets"]) == 10
+    assert len(result["targets"]) == 9
     assert [t["met"] for t in result["targets"][5:]] == [None] * 4
     assert set(result["exact_match"]) == {"base", "carry-on", "lora-qv"}
     for em in result["exact_match"].values():
