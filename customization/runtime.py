@@ -9,6 +9,7 @@ function bodies, so importing this module is cheap for a process that never runs
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import threading
@@ -60,8 +61,12 @@ def cap_malloc_arenas(arenas: int) -> bool:
     return bool(libc.mallopt(_M_ARENA_MAX, arenas)) if libc is not None else False
 
 
+@functools.cache
 def _glibc() -> Any:
-    """The C library where it is glibc (whose mallopt and malloc_trim are called), else None."""
+    """The C library where it is glibc (whose mallopt and malloc_trim are called), else None.
+
+    Looked up once: ``find_library`` runs ``ldconfig`` in a subprocess (2.4 ms here, ten
+    times the trim it would precede at every idle moment)."""
     import ctypes
     import ctypes.util
 
@@ -81,8 +86,8 @@ def release_free_memory() -> bool:
     inside its heap: after serving requests over 1,000 adapters through a 17 MiB cache its
     resident set sat 66 to 107 MiB above the same requests served hot, though the cache
     itself stayed at its bound; a trim at the end handed back 126 MiB. Walking the heap
-    takes milliseconds, so the serving engine calls it when a busy spell ends and after
-    each cache's worth of evicted adapters, not every step.
+    took 0.1-0.3 ms here, yet grows with it, so the serving engine calls it when a busy
+    spell ends and after each cache's worth of evicted adapters, not every step.
     """
     libc = _glibc()
     return bool(libc.malloc_trim(0)) if libc is not None else False
@@ -95,9 +100,11 @@ def freeze_long_lived_objects() -> int:
     A loaded base is a few hundred thousand Python objects (modules, parameters, the
     tokenizer), all alive for the process's life. Left in the oldest generation, each full
     collection walked all of them: 220-270 ms on this machine, triggered every so often by
-    the objects a decode step makes, which put one step in about a hundred at two to three
-    times a normal step. Frozen, a full collection walks only what came after. The serving
-    engine calls it after each base it loads and ``unfreeze_objects`` at shutdown.
+    the objects decode steps make (one ran inside a long prompt's join in a side run): a
+    likely share of the one slow step in about a hundred. Frozen, a full collection walks
+    only what came after. The serving engine calls it after each base it loads and
+    ``unfreeze_objects`` at shutdown (process-wide: a second engine in the same process
+    loses the freeze when the first shuts down, which costs it speed, not correctness).
     Objects that die by reference count are freed as ever; cycles among the frozen wait for
     the unfreeze (no collection first: that is the quarter-second walk this avoids).
     """

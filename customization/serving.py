@@ -283,7 +283,7 @@ class _BaseWorker:
         """
         while not self._stop.is_set():
             if not self.decoder.active and self.waiting.empty():
-                release_free_memory()  # milliseconds; a request queued meanwhile waits them
+                release_free_memory()  # under a millisecond; a request queued meanwhile waits it
                 with self._thread_lock:
                     if self.waiting.empty():
                         self._thread = None
