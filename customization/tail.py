@@ -27,7 +27,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import nn
+from torch.nn import functional as F
 
+from customization import packed
 from customization.config import TailConfig
 from customization.errors import BaseModelNotFoundError
 
@@ -50,8 +52,15 @@ class LoraLinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        delta = self.lora_B(self.lora_A(self.dropout(x)))  # (B, T, out)
-        return self.base(x) + delta * self.scaling  # type: ignore[no-any-return]
+        """One GEMM adds the delta into the base's output in place: ``s`` scales the small
+        ``B`` (out, r), never the (tokens, out) delta, so no full-size multiply or add runs
+        forward or backward (PEFT's ``base(x) + B(A x) * s`` pays both; on SmolLM2 they
+        were ~9 % of a tail's training step)."""
+        flat = x.reshape(-1, x.shape[-1])  # (N, in)
+        low = F.linear(self.dropout(flat), self.lora_A.weight)  # (N, r)
+        out = F.linear(flat, self.base.weight, self.base.bias)  # (N, out)
+        out = out.addmm_(low, (self.lora_B.weight * self.scaling).t())
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _target_modules(layer: nn.Module, targets: tuple[str, ...]) -> list[tuple[str, nn.Linear]]:
@@ -105,6 +114,10 @@ class TailModel(nn.Module):
             for name, linear in _target_modules(layer, config.target_modules):
                 lora = LoraLinear(linear, config.rank, config.scaling, config.dropout)
                 _set_submodule(layer, name, lora)
+        # Rows packed without their padding need attention per row (packed.Sequences);
+        # a base whose attention is not SDPA keeps the padded path.
+        attentions: list[Any] = [getattr(layer, "self_attn", None) for layer in self.layers]
+        self.packs = all(a is not None and packed.install_on_config(a.config) for a in attentions)
 
     @property
     def device(self) -> torch.device:
@@ -152,13 +165,24 @@ class TailModel(nn.Module):
                     raise ValueError(f"the LoRA weight {key} has shape {tuple(value.shape)}")
                 target.copy_(value.to(target.dtype))
 
-    def forward(self, states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, states: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Right-padded cached states (B, T, D) -> the final normed state (B, T, D).
 
-        No padding mask: with right padding and causal attention no real token attends to a
+        With ``lengths`` (B,) the layers run on the real tokens only, packed into one
+        sequence (``packed.Sequences``), and the result is put back in its padded place
+        (zeros at the pads). Without, the padded rows run as they are: no padding mask is
+        needed, since with right padding and causal attention no real token attends to a
         pad, so SDPA's own causal flag is exact.
         """
         hidden = states.to(self.dtype)
+        extra: dict[str, Any] = {}
+        real = None
+        if lengths is not None and self.packs:
+            real = positions < lengths[:, None].to(positions.device)  # (B, T)
+            hidden, positions = hidden[real][None], positions[real][None]  # (1, N, D), (1, N)
+            extra["packed"] = packed.Sequences(lengths.tolist())
         position_embeddings = self.rotary(hidden, positions)  # cos, sin (B, T, hd)
         for layer in self.layers:
             out = layer(
@@ -166,10 +190,13 @@ class TailModel(nn.Module):
                 attention_mask=None,
                 position_ids=positions,
                 position_embeddings=position_embeddings,
+                **extra,
             )
-            hidden = out[0] if isinstance(out, tuple) else out  # (B, T, D)
+            hidden = out[0] if isinstance(out, tuple) else out  # (B, T, D) or (1, N, D)
         normed: torch.Tensor = self.norm(hidden)
-        return normed
+        if real is None:
+            return normed
+        return normed.new_zeros((*real.shape, normed.shape[-1])).index_put((real,), normed[0])
 
 
 # -- building a tail from the base's files, reading only what it runs --------------------------

@@ -56,6 +56,31 @@ def test_a_tail_of_any_depth_at_initialisation_gives_the_base_logits(
     assert (got - expected).abs().max() < 1e-5
 
 
+def test_rows_packed_without_their_padding_compute_what_padded_rows_do(base: FrozenBase) -> None:
+    """The trainer runs a tail on the real tokens only (``packed.Sequences``): the states at
+    real positions and the LoRA gradients equal the padded batch's; pads come back zero."""
+    tail = perturb_tail(_tail(base, 2), seed=1, scale=0.3)
+    assert tail.packs
+    ids = torch.randint(1, 90, (3, 7), generator=torch.Generator().manual_seed(0))
+    (states,) = base.hidden_states(ids, None, [tail.config.first_layer])
+    positions = torch.arange(7).unsqueeze(0).expand(3, -1)
+    lengths = torch.tensor([7, 3, 5])
+    real = positions < lengths[:, None]
+    weights = torch.randn(states.shape, generator=torch.Generator().manual_seed(1))
+    results = []
+    for given in (None, lengths):
+        tail.zero_grad()
+        out = tail(states, positions, given)
+        (out[real] * weights[real]).sum().backward()
+        grads = [p.grad.clone() for p in tail.parameters() if p.requires_grad]
+        results.append((out.detach(), grads))
+    (padded, padded_grads), (packed_out, packed_grads) = results
+    torch.testing.assert_close(packed_out[real], padded[real], rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(packed_out[~real]) == 0
+    for mine, theirs in zip(packed_grads, padded_grads, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+
+
 def test_only_lora_parameters_get_gradients(
     base: FrozenBase, toy_features: tuple[FeatureData, FeatureData]
 ) -> None:

@@ -22,6 +22,7 @@ from customization.features import FeatureData
 from customization.tail import TailModel
 from customization.training import (
     FeatureLayout,
+    LogitsBuffer,
     Trainable,
     TrainingCallbacks,
     TrainingResult,
@@ -104,6 +105,28 @@ def test_head_loss_without_gradient_gives_the_same_value() -> None:
     empty, hits = head_loss(hidden[:0], weight, labels[:0])
     assert float(empty) == 0.0
     assert hits == 0
+
+
+def test_head_loss_reuses_one_buffer_across_calls_and_chunks() -> None:
+    """A training loop's LogitsBuffer is written in place call after call (no fresh
+    (rows, V) tensor per step), and the loss and gradient stay cross-entropy's."""
+    scratch = LogitsBuffer()
+    weight = torch.randn(40, 8, generator=torch.Generator().manual_seed(1))
+    held = None
+    for rows in (13, 9, 11):  # the first call sizes it: later ones take its rows
+        generator = torch.Generator().manual_seed(rows)
+        hidden = torch.randn(rows, 8, generator=generator, requires_grad=True)
+        labels = torch.randint(0, 40, (rows,), generator=generator)
+        loss, _ = head_loss(hidden, weight, labels, chunk=5, scratch=scratch)
+        loss.backward()
+        reference = hidden.detach().clone().requires_grad_(True)
+        expected = F.cross_entropy(reference @ weight.T, labels)
+        expected.backward()
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(hidden.grad, reference.grad, rtol=1e-5, atol=1e-6)
+        buffer = scratch.take(1, 40, hidden.device)
+        assert held is None or buffer.data_ptr() == held
+        held = buffer.data_ptr()
 
 
 def test_head_loss_never_updates_the_frozen_weight() -> None:
