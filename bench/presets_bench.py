@@ -56,7 +56,7 @@ FULL = {
     "depths": "16,12,L,8,4,2",
     "tail_lrs": "2e-3",
     "lora_lrs": "2e-3,1e-3,5e-4,2e-4",
-    "extra": "tail:12:2e-3:8:1,tail:10:2e-3:8,tail:16:1e-3:8,tail:16:2e-3:16",
+    "extra": "tail:12:2e-3:8:1,tail:10:2e-3:8,tail:12:1e-3:8,tail:12:2e-3:16",
     "timing_problems": 64,
     "timing_depths": "16,12,10,L",
 }
