@@ -216,12 +216,9 @@ def _median_or_none(values: list[Any]) -> Any:
     return median(present) if present else None
 
 
-def _targets(batch: dict[str, Any], scale: dict[str, Any]) -> Any:
-    """Issue 14's acceptance figures, each from this one run."""
+def _batch_one_targets(batch: dict[str, Any]) -> list[Any]:
+    """The batch-1 lines of issues 13 and 14."""
     engine_base = batch["engine, base"]["tokens_per_second"]
-    eight = scale["concurrency"].get("8", {})
-    cold, churn = scale["cold_loads"], scale["churn"]
-    mib = 1024 * 1024
     return [
         target_line(
             "default adapter (carry-on) / base, batch 1",
@@ -236,6 +233,22 @@ def _targets(batch: dict[str, Any], scale: dict[str, Any]) -> Any:
             at_most=False,
         ),
         target_line(
+            "our base decoding / transformers generate",
+            ratio(engine_base, batch["transformers generate, base"]["tokens_per_second"]),
+            1.0,
+            at_most=False,
+        ),
+    ]
+
+
+def _targets(batch: dict[str, Any], scale: dict[str, Any]) -> Any:
+    """Issue 14's acceptance figures, each from this one run."""
+    eight = scale["concurrency"].get("8", {})
+    cold, churn = scale["cold_loads"], scale["churn"]
+    mib = 1024 * 1024
+    return [
+        *_batch_one_targets(batch),
+        target_line(
             "8 requests on 8 adapters / one by one",
             eight.get("adapters_vs_one_by_one"),
             3,
@@ -245,12 +258,6 @@ def _targets(batch: dict[str, Any], scale: dict[str, Any]) -> Any:
             "8 requests on 8 adapters / a base-only batch of 8",
             eight.get("adapters_vs_base"),
             0.85,
-            at_most=False,
-        ),
-        target_line(
-            "our base decoding / transformers generate",
-            ratio(engine_base, batch["transformers generate, base"]["tokens_per_second"]),
-            1.0,
             at_most=False,
         ),
         target_line(
@@ -291,6 +298,41 @@ def _targets(batch: dict[str, Any], scale: dict[str, Any]) -> Any:
     ]
 
 
+def _bench(args: argparse.Namespace, work: Path, problems: Any) -> Bench:
+    """The loaded base, adapters and peers every section runs (``balanced``'s tail too)."""
+    bench = on_own_thread(lambda: Bench.build(resolve_base(args.base), problems, args, work))
+    bench.balanced_ref = on_own_thread(
+        lambda: serve_scale.write_mixed_adapters(bench.base, 2, work / "balanced")[1]
+    )
+    return bench
+
+
+def run_batch_one(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the batch-1 paths, as the full run measures them (to re-check a change)."""
+    set_up_torch(args.threads)
+    problems = load_problems(args.gsm8k, 0, max(args.prompts, args.adapters))
+    machine = machine_info(args.threads)
+    share = CpuShare(who=0)
+    with tempfile.TemporaryDirectory(prefix="serve-batch1-") as work:
+        bench = _bench(args, Path(work), problems)
+        try:
+            batch = _batch_one(bench, args)
+        finally:
+            bench.close()
+    return {
+        "benchmark": "serve_batch1",
+        "machine": machine,
+        "settings": {
+            "data_source": problems.source,
+            **{key: getattr(args, key) for key in FULL},
+            "prompt_tokens": [len(p) for p in bench.prompts],
+        },
+        "cpu_share_others": share.others(),
+        "batch_1": batch,
+        "targets": _batch_one_targets(batch),
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     set_up_torch(args.threads)
     base_dir = resolve_base(args.base)
@@ -298,10 +340,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     machine = machine_info(args.threads)
     share = CpuShare(who=0)  # RUSAGE_SELF: everything runs in this process
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as work:
-        bench = on_own_thread(lambda: Bench.build(base_dir, problems, args, Path(work)))
-        bench.balanced_ref = on_own_thread(
-            lambda: serve_scale.write_mixed_adapters(bench.base, 2, Path(work) / "balanced")[1]
-        )
+        bench = _bench(args, Path(work), problems)
         try:
             batch = _batch_one(bench, args)
             concurrency = _concurrency(bench, args)
@@ -348,6 +387,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--long-prompt", type=int, help="tokens of the prompt that joins")
     parser.add_argument("--running", type=int, help="requests running when it joins")
     parser.add_argument(
+        "--batch-1-only",
+        action="store_true",
+        help="only the batch-1 paths and their targets (writes serve_batch1.json/.md)",
+    )
+    parser.add_argument(
         "--join-only",
         action="store_true",
         help="only the long prompt joining running requests (writes serve_join.json/.md)",
@@ -363,9 +407,14 @@ def _counts(text: str) -> tuple[int, ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from bench.serve_report import markdown
+    from bench.serve_report import batch_one_markdown, markdown
 
     args = parse_args(argv)
+    if args.batch_1_only:
+        batch = run_batch_one(args)
+        for path in write_results(args.out, "serve_batch1", batch, batch_one_markdown(batch)):
+            _log(f"wrote {path}")
+        return 0
     if args.join_only:
         joined = run_join(args)
         for path in write_results(args.out, "serve_join", joined, join_markdown(joined)):

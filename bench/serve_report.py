@@ -178,3 +178,24 @@ def markdown(result: dict[str, Any]) -> str:
             _scale_markdown(result["scale"]),
         ]
     )
+
+
+def batch_one_markdown(result: dict[str, Any]) -> str:
+    """``--batch-1-only``: the batch-1 table and its targets."""
+    settings = result["settings"]
+    share = result.get("cpu_share_others")
+    return "".join(
+        [
+            "# Serving benchmark, batch 1 only\n",
+            machine_markdown(result["machine"]),
+            f"\n`python -m bench.serve_bench --batch-1-only`: prompts from "
+            f"{settings['data_source']} ({settings['prompt_tokens']} prompt tokens), greedy, "
+            f"{settings['new_tokens']} new tokens at most, medians of {settings['repeats']} "
+            "repeats, every path in each round. Other processes used "
+            f"{'n/a' if share is None else format(100 * share, '.0f')}% of the CPU.\n",
+            "\n## Targets\n\n",
+            targets_table(result["targets"]),
+            "\n## Batch 1\n\n",
+            _batch_table(result),
+        ]
+    )

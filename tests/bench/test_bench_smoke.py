@@ -132,3 +132,13 @@ def test_serve_bench_writes_every_comparison(
     assert joined["long_prompt"]["running"] == 2
     assert joined["long_prompt"]["prompt_tokens"] > 0
     assert "long-prompt join only" in (join_out / "serve_join.md").read_text("utf-8")
+
+    # --batch-1-only reruns just the batch-1 paths and their three targets.
+    batch_out = tmp_path / "batch1"
+    batch_argv = [str(batch_out) if a == str(tmp_path) else a for a in argv]
+    assert serve_bench.main([*batch_argv, "--batch-1-only"]) == 0
+    batch = json.loads((batch_out / "serve_batch1.json").read_text("utf-8"))
+    assert batch["benchmark"] == "serve_batch1"
+    assert set(batch["batch_1"]) == set(result["batch_1"])
+    assert [t["target"] for t in batch["targets"]] == [t["target"] for t in result["targets"][:3]]
+    assert "batch 1 only" in (batch_out / "serve_batch1.md").read_text("utf-8")
