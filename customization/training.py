@@ -66,8 +66,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     Every chunk reuses one (rows, V) buffer (``LogitsBuffer``, kept across steps by the
     training loop) and the softmax is done in it in place: a fresh (rows, V) tensor costs a
     page fault per 4 KiB written, and a separate ``log_softmax`` and ``argmax`` cost two
-    more passes over V. The chunks' sizes differ by one row at most, so no small last chunk runs the
-    large matrix product inefficiently.
+    more passes over V. The chunks' sizes differ by one row at most, so no small last
+    chunk runs the large matrix product inefficiently.
     """
 
     @staticmethod
@@ -87,12 +87,13 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         buffer = (scratch or LogitsBuffer()).take(size, weight.shape[0], hidden.device)
+        head = weight.float()  # once, not per chunk (a copy when the head is not fp32)
         for start, end in pairwise(bounds):
             rows = hidden[start:end]
             target = labels[start:end]
             arange = torch.arange(len(target), device=hidden.device)
             logits = buffer[: len(target)]
-            torch.mm(rows.float(), weight.float().T, out=logits)  # (n, V)
+            torch.mm(rows.float(), head.T, out=logits)  # (n, V)
             top, best = logits.max(dim=-1, keepdim=True)  # (n, 1) each
             correct += (best.squeeze(1) == target).sum()
             picked = logits[arange, target]  # (n,)
@@ -103,7 +104,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             if grad is not None:
                 probs = exps.div_(sums * total)  # softmax / N: the mean's gradient
                 probs[arange, target] -= 1.0 / total
-                grad[start:end] = (probs @ weight.float()).to(grad.dtype)
+                grad[start:end] = (probs @ head).to(grad.dtype)
         ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
         ctx.mark_non_differentiable(correct)
         return loss_sum / max(total, 1), correct
