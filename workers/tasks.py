@@ -73,6 +73,7 @@ def _run_stage(task: Any, job_id: str, stage: str, body: Body) -> str:
     if job is None:
         logger.info("%s of %s: nothing to do (finished, cancelled or held)", stage, job_id)
         return "skipped"
+    code, param = "internal_error", None
     try:
         # Eager tasks run inside the caller's transaction, which a second connection
         # could not see (nor wait out): the claim keeper is for real workers.
@@ -92,43 +93,31 @@ def _run_stage(task: Any, job_id: str, stage: str, body: Body) -> str:
                 "%s of %s: transient error %r; retry in %s s", stage, job_id, exc, countdown
             )
             raise task.retry(exc=exc, countdown=countdown) from exc
-        job_fail(
-            job=job, code="infrastructure_error", message=f"The {stage} stage kept failing: {exc}"
-        )
+        code, message = "infrastructure_error", f"The {stage} stage kept failing: {exc}"
+        worker = ""  # released above: fail it unless another worker took it since
     except OSError as exc:  # after TRANSIENT, which holds the network OSErrors
         logger.warning("%s of %s: storage error %r", stage, job_id, exc)
-        job_fail(
-            job=job,
-            worker=worker,
-            code="storage_error",
-            message=f"The {stage} stage could not write to artifact storage: {_storage(exc)}",
-        )
-    except CustomizationError as exc:
-        job_fail(job=job, worker=worker, code=exc.code, message=exc.message, param=exc.param)
-    except ApplicationError as exc:
-        job_fail(
-            job=job,
-            worker=worker,
-            code=exc.code or "invalid_request",
-            message=exc.message,
-            param=exc.param,
-        )
+        code = "storage_error"
+        message = f"The {stage} stage could not write to artifact storage: {_storage(exc)}"
+    except (CustomizationError, ApplicationError) as exc:
+        code, message, param = exc.code or "invalid_request", exc.message, exc.param
     except SoftTimeLimitExceeded:
-        job_fail(
-            job=job,
-            worker=worker,
-            code="timeout",
-            message=f"The {stage} stage ran past its time limit",
-        )
+        code, message = "timeout", f"The {stage} stage ran past its time limit"
     except Exception as exc:
         logger.exception("%s of %s failed", stage, job_id)
-        job_fail(
-            job=job,
-            worker=worker,
-            code="internal_error",
-            message=f"Internal error during {stage}: {type(exc).__name__}: {exc}",
-        )
-    return "failed"
+        message = f"Internal error during {stage}: {type(exc).__name__}: {exc}"
+    failed = job_fail(job=job, worker=worker, code=code, message=message, param=param)
+    return _outcome(failed, f"{stage} of {job_id}")
+
+
+def _outcome(failed: bool, what: str) -> str:
+    """A stage that could not record its failure had lost its claim first (taken over after
+    a stall, cancelled, or finished by the worker that took over): its error is a symptom of
+    that, e.g. a checkpoint folder the winner already cleaned up. It stops; not its job."""
+    if failed:
+        return "failed"
+    logger.info("%s: the claim was lost before the error; stopping", what)
+    return "stopped"
 
 
 def _storage(exc: OSError) -> str:
@@ -400,10 +389,10 @@ def run_evaluation(self: Any, evaluation_id: str) -> str:
     except Exception as exc:
         logger.exception("evaluation %s failed", evaluation_id)
         message = f"Internal error during the evaluation: {type(exc).__name__}: {exc}"
-    evaluations.evaluation_fail(
+    failed = evaluations.evaluation_fail(
         evaluation=evaluation, worker=worker, code=code, message=message, param=param
     )
-    return "failed"
+    return _outcome(failed, f"evaluation {evaluation_id}")
 
 
 def _evaluate(evaluation: Any, worker: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -212,6 +213,45 @@ def test_a_worker_that_lost_its_claim_removes_only_its_own_adapter(
     assert [p.name for p in data_path("adapters").iterdir()] == [Path(adapter.path).name]
     job.refresh_from_db()
     assert job.status == "succeeded"
+
+
+@pytest.mark.parametrize("error", [RuntimeError("no such folder"), OSError(2, "No such file")])
+def test_a_stage_that_errs_after_losing_its_claim_stops_and_leaves_the_job_alone(
+    tiny_base_model: Any, error: Exception
+) -> None:
+    """A worker frozen mid-save wakes after the winner finished and cleaned up: the error it
+    meets then (a checkpoint folder gone) is a symptom of the lost claim, so its task ends
+    "stopped", and the job keeps the state the winner gave it (not failed)."""
+    from workers import tasks
+
+    job = FineTuningJobFactory(status="queued", stage=FineTuningJob.Stage.TRAINING)
+    task = SimpleNamespace(request=SimpleNamespace(is_eager=True, retries=0), max_retries=5)
+
+    def taken_over_then_fails(job: FineTuningJob, worker: str) -> None:
+        FineTuningJob.objects.filter(pk=job.pk).update(worker="winner", status="succeeded")
+        raise error
+
+    outcome = tasks._run_stage(task, job.id, FineTuningJob.Stage.TRAINING, taken_over_then_fails)
+    assert outcome == "stopped"
+    job.refresh_from_db()
+    assert (job.status, job.worker, job.error) == ("succeeded", "winner", None)
+
+
+def test_a_stage_that_errs_holding_its_claim_fails_the_job(tiny_base_model: Any) -> None:
+    """The same error while the claim is still this worker's fails the job, naming it."""
+    from workers import tasks
+
+    job = FineTuningJobFactory(status="queued", stage=FineTuningJob.Stage.TRAINING)
+    task = SimpleNamespace(request=SimpleNamespace(is_eager=True, retries=0), max_retries=5)
+
+    def fails(job: FineTuningJob, worker: str) -> None:
+        raise RuntimeError("no such folder")
+
+    assert tasks._run_stage(task, job.id, FineTuningJob.Stage.TRAINING, fails) == "failed"
+    job.refresh_from_db()
+    assert job.status == "failed"
+    assert job.error["code"] == "internal_error"
+    assert "RuntimeError: no such folder" in job.error["message"]
 
 
 # -- a job that no worker takes -----------------------------------------------------------------
