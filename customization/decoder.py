@@ -53,19 +53,25 @@ MIN_PREFILL_CHUNK = 8
 
 
 def _group_taps(
-    base: FrozenBase, hidden_states: Sequence[torch.Tensor], group: CarryOnGroup, rows: list[int]
+    base: FrozenBase,
+    hidden_states: Sequence[torch.Tensor],
+    group: CarryOnGroup,
+    rows: list[int],
+    index: torch.Tensor | None,
 ) -> list[torch.Tensor]:
-    """Each tap of a group's rows, (n, T, D_i); members may read different layers."""
-    index = torch.tensor(rows, device=hidden_states[0].device)
+    """Each tap of a group's rows (``index``; None: every row, in order), (n, T, D_i);
+    members may read different layers."""
     taps = []
     for tap in range(len(group.config.taps)):
         layers = [base.resolve_tap(c.config.taps[tap]) for c in group.carry_ons]
-        if len(set(layers)) == 1:
-            taps.append(hidden_states[layers[0]].index_select(0, index))
-        else:
+        if len(set(layers)) > 1:
             taps.append(
                 torch.stack([hidden_states[i][r] for i, r in zip(layers, rows, strict=True)])
             )
+        elif index is None:
+            taps.append(hidden_states[layers[0]])
+        else:
+            taps.append(hidden_states[layers[0]].index_select(0, index))
     return taps
 
 
@@ -367,17 +373,24 @@ class BatchDecoder:
         Base and tail rows are the base's final states untouched.
         """
         final = outputs.last_hidden_state  # (B, 1, D)
-        merged = final[:, -1, :].clone()  # (B, D)
+        merged = final[:, -1, :]  # (B, D), a view: cloned before a group writes into it
+        cloned = False
         where = {id(s): row for row, s in enumerate(rows)}
         for group in self._groups.values():
             members = [where[id(m)] for m in group.members]
-            index = torch.tensor(members, device=final.device)
-            out = group.forward(
-                _group_taps(self.base, outputs.hidden_states, group, members),
-                final.index_select(0, index),
-                positions.index_select(0, index),
-            )  # (n, 1, D)
-            merged[index] = out[:, -1]
+            if members == list(range(len(rows))):  # the whole batch (one row, often)
+                taps = _group_taps(self.base, outputs.hidden_states, group, members, None)
+                merged = group.forward(taps, final, positions)[:, -1]
+            else:
+                index = torch.tensor(members, device=final.device)
+                out = group.forward(
+                    _group_taps(self.base, outputs.hidden_states, group, members, index),
+                    final.index_select(0, index),
+                    positions.index_select(0, index),
+                )  # (n, 1, D)
+                if not cloned:
+                    merged, cloned = merged.clone(), True
+                merged[index] = out[:, -1]
             self.counters.carry_on_batches += 1
             self.counters.carry_on_forwards += len(group)
         return self.base.logits(merged).float()
