@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from playwright.sync_api import expect
 
 from tests.e2e.conftest import DESKTOP, TIMEOUT_MS, Tab
 from tests.factories import PASSWORD, FileFactory, UserFactory
@@ -113,7 +114,8 @@ def test_base_and_two_adapters_side_by_side_equal_the_cli_eval(
     evaluation = Evaluation.objects.get(owner=user)
     _wait_until_finished(evaluation, pool)
     page.reload()
-    assert page.locator("svg.evaluation-chart").count() == 1
+    # Retried until it holds: the running page's meta refresh may fire as it reloads.
+    expect(page.locator("svg.evaluation-chart")).to_have_count(1)
     tab.shot("evaluations-02-results")
 
     # The figures: as stored, as shown, and as the CLI computes them.
