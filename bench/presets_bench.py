@@ -403,6 +403,14 @@ def analyse(runs: Sequence[dict[str, Any]], timing: dict[str, Any] | None) -> di
     }
 
 
+def _timed_on(timing: dict[str, Any]) -> str:
+    """Where the side-by-side timing ran (a report may be written on another machine)."""
+    machine = timing.get("machine") or {}
+    if not machine:
+        return ""
+    return f" ({machine.get('cpu', 'unknown CPU')}, commit {machine.get('git_commit', '?')})"
+
+
 def markdown(result: dict[str, Any]) -> str:
     analysis = result["analysis"] or {}
     rows = [
@@ -443,7 +451,8 @@ def markdown(result: dict[str, Any]) -> str:
     timing_text = (
         f"Times: each candidate's epoch on the same {timing['timing_problems']} problems, "
         f"interleaved, median of {len(next(iter(timing['epoch_seconds_all'].values())))} "
-        f"rounds: {', '.join(f'{k} {v:.1f} s' for k, v in timing['epoch_seconds'].items())}; "
+        f"rounds{_timed_on(timing)}: "
+        f"{', '.join(f'{k} {v:.1f} s' for k, v in timing['epoch_seconds'].items())}; "
         f"extraction of each tail's own state on the same problems: "
         f"{', '.join(f'{k} {v:.1f} s' for k, v in timing['extraction_seconds'].items())}.\n\n"
         if timing
