@@ -254,6 +254,28 @@ def test_a_stage_that_errs_holding_its_claim_fails_the_job(tiny_base_model: Any)
     assert "RuntimeError: no such folder" in job.error["message"]
 
 
+def test_a_stage_whose_retries_ran_out_fails_the_job_as_an_infrastructure_error(
+    tiny_base_model: Any,
+) -> None:
+    """A transient error (here the database's) on the last retry: the claim is released and
+    the job, held by no one since, fails naming the stage and the error."""
+    from django.db import OperationalError
+
+    from workers import tasks
+
+    job = FineTuningJobFactory(status="queued", stage=FineTuningJob.Stage.TRAINING)
+    task = SimpleNamespace(request=SimpleNamespace(is_eager=True, retries=5), max_retries=5)
+
+    def database_gone(job: FineTuningJob, worker: str) -> None:
+        raise OperationalError("server closed the connection")
+
+    assert tasks._run_stage(task, job.id, FineTuningJob.Stage.TRAINING, database_gone) == "failed"
+    job.refresh_from_db()
+    assert (job.status, job.worker) == ("failed", "")
+    assert job.error["code"] == "infrastructure_error"
+    assert "training stage kept failing: server closed" in job.error["message"]
+
+
 # -- a job that no worker takes -----------------------------------------------------------------
 
 
