@@ -215,6 +215,18 @@ def test_a_worker_that_lost_its_claim_removes_only_its_own_adapter(
     assert job.status == "succeeded"
 
 
+def _run_training_stage(body: Any, *, retries: int = 0) -> tuple[str, FineTuningJob]:
+    """A queued training job run through the stage runner with ``body`` as its work, as the
+    ``retries``-th retry of an eager task: (the task's outcome, the job as stored after)."""
+    from workers import tasks
+
+    job = FineTuningJobFactory(status="queued", stage=FineTuningJob.Stage.TRAINING)
+    task = SimpleNamespace(request=SimpleNamespace(is_eager=True, retries=retries), max_retries=5)
+    outcome = tasks._run_stage(task, job.id, FineTuningJob.Stage.TRAINING, body)
+    job.refresh_from_db()
+    return outcome, job
+
+
 @pytest.mark.parametrize("error", [RuntimeError("no such folder"), OSError(2, "No such file")])
 def test_a_stage_that_errs_after_losing_its_claim_stops_and_leaves_the_job_alone(
     tiny_base_model: Any, error: Exception
@@ -222,33 +234,24 @@ def test_a_stage_that_errs_after_losing_its_claim_stops_and_leaves_the_job_alone
     """A worker frozen mid-save wakes after the winner finished and cleaned up: the error it
     meets then (a checkpoint folder gone) is a symptom of the lost claim, so its task ends
     "stopped", and the job keeps the state the winner gave it (not failed)."""
-    from workers import tasks
-
-    job = FineTuningJobFactory(status="queued", stage=FineTuningJob.Stage.TRAINING)
-    task = SimpleNamespace(request=SimpleNamespace(is_eager=True, retries=0), max_retries=5)
 
     def taken_over_then_fails(job: FineTuningJob, worker: str) -> None:
         FineTuningJob.objects.filter(pk=job.pk).update(worker="winner", status="succeeded")
         raise error
 
-    outcome = tasks._run_stage(task, job.id, FineTuningJob.Stage.TRAINING, taken_over_then_fails)
+    outcome, job = _run_training_stage(taken_over_then_fails)
     assert outcome == "stopped"
-    job.refresh_from_db()
     assert (job.status, job.worker, job.error) == ("succeeded", "winner", None)
 
 
 def test_a_stage_that_errs_holding_its_claim_fails_the_job(tiny_base_model: Any) -> None:
     """The same error while the claim is still this worker's fails the job, naming it."""
-    from workers import tasks
-
-    job = FineTuningJobFactory(status="queued", stage=FineTuningJob.Stage.TRAINING)
-    task = SimpleNamespace(request=SimpleNamespace(is_eager=True, retries=0), max_retries=5)
 
     def fails(job: FineTuningJob, worker: str) -> None:
         raise RuntimeError("no such folder")
 
-    assert tasks._run_stage(task, job.id, FineTuningJob.Stage.TRAINING, fails) == "failed"
-    job.refresh_from_db()
+    outcome, job = _run_training_stage(fails)
+    assert outcome == "failed"
     assert job.status == "failed"
     assert job.error["code"] == "internal_error"
     assert "RuntimeError: no such folder" in job.error["message"]
@@ -261,16 +264,11 @@ def test_a_stage_whose_retries_ran_out_fails_the_job_as_an_infrastructure_error(
     the job, held by no one since, fails naming the stage and the error."""
     from django.db import OperationalError
 
-    from workers import tasks
-
-    job = FineTuningJobFactory(status="queued", stage=FineTuningJob.Stage.TRAINING)
-    task = SimpleNamespace(request=SimpleNamespace(is_eager=True, retries=5), max_retries=5)
-
     def database_gone(job: FineTuningJob, worker: str) -> None:
         raise OperationalError("server closed the connection")
 
-    assert tasks._run_stage(task, job.id, FineTuningJob.Stage.TRAINING, database_gone) == "failed"
-    job.refresh_from_db()
+    outcome, job = _run_training_stage(database_gone, retries=5)
+    assert outcome == "failed"
     assert (job.status, job.worker) == ("failed", "")
     assert job.error["code"] == "infrastructure_error"
     assert "training stage kept failing: server closed" in job.error["message"]
