@@ -4,7 +4,11 @@ import torch
 from customization.base_model import FrozenBase
 from customization.carry_on import CarryOn
 from customization.config import CarryOnConfig, GenerationConfig
-from customization.decoder import MIN_PREFILL_CHUNK
+from customization.decoder import (
+    MIN_PREFILL_CHUNK,
+    PREFILL_CHUNK_GROWTH,
+    PREFILL_SHARE_OF_STEP,
+)
 from customization.errors import ContextLengthError, CustomizationError
 from customization.generation import (
     BatchDecoder,
@@ -369,8 +373,10 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(
 
 def test_prefill_forwards_are_paced_to_the_running_rows_step(base: FrozenBase) -> None:
     """With nobody running a long prompt's chunk is the whole prefill chunk; with rows
-    running it is what adds about half of their decode step (learned from the chunks it
-    times), between MIN_PREFILL_CHUNK and the prefill chunk, growing at most twofold at once."""
+    running it is what adds PREFILL_SHARE_OF_STEP of their decode step (learned from the
+    chunks it times), between MIN_PREFILL_CHUNK and the prefill chunk, growing at most
+    PREFILL_CHUNK_GROWTH-fold at once."""
+    assert (PREFILL_SHARE_OF_STEP, PREFILL_CHUNK_GROWTH) == (0.4, 1.5)  # the figures below
     decoder = BatchDecoder(base, prefill_chunk=256)
     assert decoder._chunk_budget() == 256  # nobody waits for a token
     running = decoder.new_sequence(_prompt(base, "running"), GREEDY)
@@ -383,15 +389,13 @@ def test_prefill_forwards_are_paced_to_the_running_rows_step(base: FrozenBase) -
     decoder._step_seconds = 0.1
     decoder._pace(64, 0.4)  # far over a step: back to the floor
     assert decoder._chunk_budget() == MIN_PREFILL_CHUNK
-    decoder._pace(MIN_PREFILL_CHUNK, 0.001)  # far under: it doubles, no more
-    assert decoder._chunk_budget() == 2 * MIN_PREFILL_CHUNK
-    decoder._pace(32, 0.04)  # 32 tokens added 0.4 of a step: half a step fits 40
-    assert decoder._chunk_budget() == min(40, 4 * MIN_PREFILL_CHUNK)
+    decoder._pace(MIN_PREFILL_CHUNK, 0.001)  # far under: it grows by half, no more
+    assert decoder._chunk_budget() == 12
     decoder._paced_chunk = 32
-    decoder._pace(32, 0.04)
+    decoder._pace(32, 0.032)  # 32 tokens added 0.32 of a step: 0.4 of a step fits 40
     assert decoder._chunk_budget() == 40
-    decoder._pace(40, 0.0)  # lost in the step's noise: it doubles
-    assert decoder._chunk_budget() == 80
+    decoder._pace(40, 0.0)  # lost in the step's noise: it grows by half
+    assert decoder._chunk_budget() == 60
     for _ in range(8):
         decoder._pace(decoder._chunk_budget(), 0.001)
     assert decoder._chunk_budget() == 256  # never above the chunk
