@@ -11,9 +11,16 @@ S-LoRA, in plain torch. The scaling is folded into the stacked B when it is stac
 where every row of the batch is on a tail (a single request on one, say) nothing is
 gathered: the second product adds into the base's output in place (``baddbmm_``). At
 batch 1 a step runs a few hundred of these small products, so each operation saved
-is a visible share of the step. Rows on the base or on a carry-on are not touched at all (their
-output is the base's, bit for bit), and a layer no row's tail covers costs one attribute
-check. Ranks may differ between tails: the stacks are zero-padded to the largest.
+is a visible share of the step. Ranks may differ between tails: the stacks are zero-padded
+to the largest, and a layer no row's tail covers costs one attribute check.
+
+Rows on the base or on a carry-on keep the base's output exactly. In a prefill (many tokens
+per row) they are not touched at all. In a decode step (one token per row) the stacks hold
+zeros for them instead, so the delta goes into every row in place: two products per layer
+and module rather than a gather, two products and a scatter. Their share is x·0·0, an
+exact zero, and at one token the products' extra arithmetic is far smaller than the
+gather and scatter it saves (on a CPU, a step's small operations, not its arithmetic,
+are what tails add to it).
 
 A packed forward (``customization.packed``: the running rows' tokens and a joining chunk's
 as one sequence) says how its tokens split into segments of rows × length; each segment's
@@ -57,13 +64,21 @@ class RowTails:
         self._tails: list[TailAdapter | None] = []
         self._plans: dict[tuple[int, str], list[Plan | None] | None] = {}
         self.segments: Segments = None
+        self._dense: list[bool] = [False]  # per segment: stacks cover every row
         self.active = False  # some row of the current forward is on a tail
         # Row layout (the tails' ids, row by row, and the segments' rows) -> (those tails,
         # their plans), oldest first.
         self._layouts: dict[tuple[Any, ...], tuple[list[TailAdapter | None], dict[Any, Any]]] = {}
 
-    def use(self, tails: Sequence[TailAdapter | None], segments: Segments = None) -> None:
-        """Say which tail each row of the next forward uses (and, packed, its segments).
+    def use(
+        self,
+        tails: Sequence[TailAdapter | None],
+        segments: Segments = None,
+        *,
+        one_token: bool = False,
+    ) -> None:
+        """Say which tail each row of the next forward uses (and, packed, its segments;
+        else ``one_token``: whether the forward is a decode step, one token per row).
 
         The stacked weights of a row layout are kept while it recurs: a running batch
         keeps its rows for many steps, so stacking (a copy of every row's LoRA weights)
@@ -75,7 +90,9 @@ class RowTails:
         self.segments = None if segments is None else list(segments)
         self.active = any(t is not None for t in self._tails)
         rows = None if segments is None else tuple(rows for rows, _ in segments)
-        key = (tuple(id(t) for t in self._tails), rows)
+        # Per segment: whether every row gets the delta (zeros for rows on no tail).
+        self._dense = [one_token] if segments is None else [length == 1 for _, length in segments]
+        key = (tuple(id(t) for t in self._tails), rows, tuple(self._dense))
         kept = self._layouts.pop(key, None)
         if kept is None or any(a is not b for a, b in zip(kept[0], self._tails, strict=True)):
             kept = (self._tails, {})
@@ -87,6 +104,7 @@ class RowTails:
 
     def clear(self) -> None:
         self._tails, self._plans, self.segments, self.active = [], {}, None, False
+        self._dense = [False]
 
     def forget(self) -> None:
         """Drop every kept layout (and the references to the tails they hold)."""
@@ -99,32 +117,43 @@ class RowTails:
         if key not in self._plans:
             sizes = [len(self._tails)] if self.segments is None else [r for r, _ in self.segments]
             plans, first = [], 0
-            for size in sizes:
-                plans.append(self._stack(layer, name, device, first, first + size))
+            for size, dense in zip(sizes, self._dense, strict=True):
+                plans.append(self._stack(layer, name, device, first, first + size, dense))
                 first += size
             self._plans[key] = None if all(p is None for p in plans) else plans
         return self._plans[key]
 
     def _stack(
-        self, layer: int, name: str, device: torch.device, first: int, end: int
+        self, layer: int, name: str, device: torch.device, first: int, end: int, dense: bool
     ) -> Plan | None:
-        """The stacked weights of rows ``first``..``end`` (indices relative to ``first``)."""
-        rows = [
-            (row - first, tail)
+        """The stacked weights of rows ``first``..``end`` (indices relative to ``first``):
+        of the rows on a tail covering this layer, or (``dense``) of every row, zeros for
+        the others."""
+        covered = {
+            row - first: tail
             for row, tail in enumerate(self._tails[first:end], start=first)
             if tail is not None and (layer, name) in tail.weights
-        ]
-        if not rows:
+        }
+        if not covered:
             return None
-        rank = max(tail.weights[(layer, name)][0].shape[0] for _, tail in rows)
+        rank = max(tail.weights[(layer, name)][0].shape[0] for tail in covered.values())
+        a_any, b_any = next(iter(covered.values())).weights[(layer, name)]
+        zero_a = a_any.new_zeros((a_any.shape[1], rank))
+        zero_b = b_any.new_zeros((rank, b_any.shape[0]))
+        rows = list(range(end - first)) if dense else list(covered)
         a_list, b_list = [], []
-        for _, tail in rows:
+        for row in rows:
+            tail = covered.get(row)
+            if tail is None:
+                a_list.append(zero_a)
+                b_list.append(zero_b)
+                continue
             a, b = tail.weights[(layer, name)]  # (r, in), (out, r)
             pad = rank - a.shape[0]
             a_list.append(nn.functional.pad(a.T, (0, pad)))  # (in, R)
             b_list.append(nn.functional.pad(b.T, (0, 0, 0, pad)) * tail.scaling)  # (R, out)
         every_row = len(rows) == end - first
-        index = None if every_row else torch.tensor([row for row, _ in rows], device=device)
+        index = None if every_row else torch.tensor(rows, device=device)
         self.counters.stacked += 1
         return index, torch.stack(a_list), torch.stack(b_list)
 

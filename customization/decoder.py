@@ -205,7 +205,8 @@ class BatchDecoder:
             return self.base.backbone_forward(states=states, **inputs)
         before = (tails.counters.delta_products, tails.counters.tail_rows)
         layout = None if segments is None else [(s.rows, s.length) for s in segments]
-        tails.use([s.tail for s in rows], layout)
+        one_token = segments is None and inputs["input_ids"].shape[1] == 1
+        tails.use([s.tail for s in rows], layout, one_token=one_token)
         try:
             return self.base.backbone_forward(states=states, **inputs)
         finally:

@@ -112,6 +112,54 @@ def test_tails_in_one_step_share_one_batched_product_per_layer(
     assert counters.tail_rows == 1 + 1 + 2
 
 
+def test_a_decode_step_adds_deltas_to_every_row_with_zeros_for_rows_on_no_tail(
+    serving_base: FrozenBase, tmp_path: Path
+) -> None:
+    """At one token per row the stacks cover every row (zeros for the base row: nothing is
+    gathered or scattered) and each row's output is exactly what the gathered path gives
+    it: the base row's is the base linear's, bit for bit. A prefill still gathers."""
+    import torch
+
+    from customization import batched_lora
+
+    shallow = _served(serving_base, _trained_tail(serving_base, 1, seed=4), tmp_path / "a")
+    deep = _served(serving_base, _trained_tail(serving_base, 2, seed=6), tmp_path / "b")
+    rows = batched_lora.install(serving_base.model)
+    wrapped = [
+        m
+        for m in serving_base.model.modules()
+        if isinstance(m, batched_lora.BatchedLoraLinear) and m.layer == 0
+    ]
+    assert len(wrapped) == MODULES_PER_LAYER
+    layout = [deep, None, shallow, deep]  # layer 0: only the deep tail covers it
+    generator = torch.Generator().manual_seed(0)
+    try:
+        for module in wrapped:
+            x = torch.randn(4, 1, module.base.in_features, generator=generator)
+            with torch.no_grad():
+                rows.use(layout, one_token=True)
+                plans = rows.plan(module.layer, module.name, x.device)
+                assert plans is not None
+                index, a, _ = plans[0]
+                assert index is None  # every row: nothing gathered
+                assert [bool(a[row].any()) for row in range(4)] == [True, False, False, True]
+                dense = module(x)
+                rows.use(layout)  # a prefill-like forward: the covered rows gathered
+                gathered_plans = rows.plan(module.layer, module.name, x.device)
+                assert gathered_plans is not None
+                index, _, _ = gathered_plans[0]
+                assert index is not None
+                assert index.tolist() == [0, 3]
+                gathered = module(x)
+            rows.clear()
+            assert torch.equal(dense[1], module.base(x)[1])  # the base row, bit for bit
+            assert torch.equal(dense[2], module.base(x)[2])  # its tail does not cover layer 0
+            torch.testing.assert_close(dense, gathered, rtol=1e-6, atol=1e-6)
+            assert not torch.equal(dense[0], module.base(x)[0])  # the deep tail's delta
+    finally:
+        rows.forget()
+
+
 def test_tails_weights_are_stacked_when_rows_change_not_every_step(
     serving_base: FrozenBase, tmp_path: Path
 ) -> None:
