@@ -39,9 +39,11 @@ from customization.decoder import DEFAULT_PREFILL_CHUNK, BatchDecoder
 from customization.errors import CustomizationError, EngineOverloaded
 from customization.runtime import (
     freeze_long_lived_objects,
+    in_own_mapping,
     release_free_memory,
     unfreeze_objects,
 )
+from customization.tail import TailAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +136,8 @@ class AdapterCache:
             expected_sha256=ref.sha256,
             device=base.device,
         )
+        if base.device.type == "cpu":
+            loaded = _in_own_mapping(loaded)
         if isinstance(loaded, CarryOn):
             size = sum(p.numel() * p.element_size() for p in loaded.parameters())
         else:
@@ -164,6 +168,22 @@ class AdapterCache:
     def evict(self, adapter_id: str) -> None:
         with self._lock:
             self._drop(adapter_id)
+
+
+def _in_own_mapping(adapter: ServedAdapter) -> ServedAdapter:
+    """The adapter with its weights moved into a memory mapping of their own
+    (``runtime.in_own_mapping``), so evicting it hands its memory back whole."""
+    if isinstance(adapter, TailAdapter):
+        pairs = list(adapter.weights.items())
+        flat = in_own_mapping([t for _, pair in pairs for t in pair])
+        weights = {where: (flat[2 * i], flat[2 * i + 1]) for i, (where, _) in enumerate(pairs)}
+        return dataclasses.replace(adapter, weights=weights)
+    parameters = list(adapter.parameters())
+    for parameter, copy in zip(
+        parameters, in_own_mapping([p.detach() for p in parameters]), strict=True
+    ):
+        parameter.data = copy
+    return adapter
 
 
 @dataclass

@@ -207,6 +207,66 @@ def test_cache_hands_memory_back_after_each_cache_worth_of_evictions(base, tmp_p
     assert releases == [0, 0, 0, 1, 1, 2]
 
 
+def _mappings() -> list[tuple[int, int]]:
+    """This process's memory mappings (start, end), from /proc/self/maps."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        start, end = line.split()[0].split("-")
+        ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+def test_a_cached_adapter_lives_in_a_mapping_of_its_own_handed_back_when_evicted(base, tmp_path):
+    """A loaded carry-on's parameters and a tail's LoRA weights each lie in one anonymous
+    mapping of their own (not among the heap's short-lived buffers), hold what the files
+    hold, and serve as before; once the cache drops the adapter the mapping is gone."""
+    carry_on = _saved(base, tmp_path, "carry-on", seed=1)
+    tail_model = build_adapter(base, TailConfig(depth=1, rank=4), seed=2)
+    with torch.no_grad():
+        for parameter in tail_model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05)
+    info = save_adapter(tail_model, tmp_path / "tail", base_fingerprints=[base.fingerprint()])
+    tail = AdapterRef(adapter_id="tail", path=info.path, sha256=info.sha256)
+    cache = AdapterCache(max_bytes=1 << 30)
+    served, spans = {}, {}
+    for ref in (carry_on, tail):
+        adapter = cache.get(ref, base)
+        tensors = (
+            list(adapter.parameters())
+            if hasattr(adapter, "parameters")
+            else [t for pair in adapter.weights.values() for t in pair]
+        )
+        storages = {t.untyped_storage().data_ptr() for t in tensors}
+        assert len(storages) == 1  # one block for the whole adapter
+        start = storages.pop()
+        assert start % 4096 == 0  # a mapping's first page, not a heap chunk
+        assert (start, start + 4096 * -(-tensors[0].untyped_storage().nbytes() // 4096)) in (
+            _mappings()
+        )
+        spans[ref.adapter_id] = start
+        served[ref.adapter_id] = adapter
+    reference = load_carry_on(carry_on.path, base_fingerprints=[base.fingerprint()])
+    assert all(
+        torch.equal(mine, theirs)
+        for mine, theirs in zip(
+            served["carry-on"].parameters(), reference.parameters(), strict=True
+        )
+    )
+    prompt = _prompt(base, "served from its own mapping")
+    assert (
+        generate(base, prompt, GREEDY, served["carry-on"]).token_ids
+        == generate(base, prompt, GREEDY, reference).token_ids
+    )
+    del adapter, tensors, reference
+    served.clear()
+    cache.evict("carry-on")
+    cache.evict("tail")
+    gc.collect()
+    starts = {start for start, _ in _mappings()}
+    assert not set(spans.values()) & starts  # both handed back to the operating system
+
+
 def test_n_choices_with_seed_are_reproducible(base):
     """n sampled choices with a seed differ from each other and repeat across runs."""
     engine = _engine(base)
