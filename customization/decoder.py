@@ -197,9 +197,15 @@ class BatchDecoder:
         """One base forward; rows on tails get their LoRA deltas inside it (a packed
         forward's ``segments`` say which tokens are whose).
 
-        The base's intermediate states are asked for only when a row's carry-on reads them.
+        The base's intermediate states are asked for only where a row's carry-on reads them.
         """
-        states = inputs.pop("output_hidden_states", any(s.carry_on is not None for s in rows))
+        taps = {
+            self.base.resolve_tap(tap)
+            for s in rows
+            if s.carry_on is not None
+            for tap in s.carry_on.config.taps
+        }
+        states = inputs.pop("output_hidden_states", taps)
         tails = self._tails
         if tails is None or not any(s.tail is not None for s in rows):
             return self.base.backbone_forward(states=states, **inputs)

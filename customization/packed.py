@@ -149,7 +149,7 @@ class Packed:
                     last_hidden_state=segment.tokens_of(outputs.last_hidden_state, start),
                     hidden_states=None
                     if states is None
-                    else tuple(segment.tokens_of(s, start) for s in states),
+                    else tuple(None if s is None else segment.tokens_of(s, start) for s in states),
                     past_key_values=segment.cache,
                 )
             )

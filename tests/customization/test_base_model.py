@@ -57,6 +57,39 @@ def test_states_recorded_by_hooks_equal_transformers_hidden_states(base: FrozenB
     assert not any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)
 
 
+def test_only_the_asked_states_are_recorded(base: FrozenBase) -> None:
+    """``backbone_forward(states={...})`` records just those indices (the embeddings, a
+    layer's output) and the final normed state, each equal to transformers' own, None
+    elsewhere; hooks go only where a state is asked for, and come off again."""
+    ids = _ids(base, "record a few states")
+    layers = base.backbone.layers
+    hooked: list[int] = []
+    originals = [layer.register_forward_hook for layer in layers]
+    for index, layer in enumerate(layers):
+
+        def counting(*args: object, _index: int = index, **kwargs: object) -> object:
+            hooked.append(_index)
+            return originals[_index](*args, **kwargs)
+
+        layer.register_forward_hook = counting  # type: ignore[method-assign]
+    try:
+        with torch.inference_mode():
+            expected = base.backbone(input_ids=ids, output_hidden_states=True).hidden_states
+            for asked in ({1}, {0, base.num_layers}, {base.num_layers}):
+                recorded = base.backbone_forward(states=asked, input_ids=ids).hidden_states
+                assert len(recorded) == base.num_layers + 1
+                for index, state in enumerate(recorded):
+                    if index in asked or index == base.num_layers:
+                        assert torch.equal(state, expected[index])
+                    else:
+                        assert state is None
+    finally:
+        for layer in layers:
+            del layer.register_forward_hook
+    assert hooked == [0]  # state 1 is layer 0's output; 0 and the last need no hook
+    assert not any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)
+
+
 def test_resolve_tap_counts_negative_taps_from_the_end(base: FrozenBase) -> None:
     """-1 is the final state; taps outside [-(L+1), L] are refused."""
     assert base.resolve_tap(-1) == base.num_layers == 2
