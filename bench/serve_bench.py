@@ -289,6 +289,14 @@ def _targets(batch: dict[str, Any], scale: dict[str, Any]) -> Any:
             unit=" MiB",
         ),
         target_line(
+            "process memory once idle after churn over the same after serving hot (MiB) "
+            "/ the cache bound",
+            churn["churn_rss_over_all_hot_bytes"] / mib,
+            round(churn["cache_bound_bytes"] / mib, 2),
+            at_most=True,
+            unit=" MiB",
+        ),
+        target_line(
             f"others' token gap while a {scale['long_prompt']['prompt_tokens']}-token prompt "
             "joins / a normal step",
             scale["long_prompt"]["join_gap_vs_normal_step"],

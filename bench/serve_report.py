@@ -63,6 +63,10 @@ def _scale_concurrency_table(scale: dict[str, Any]) -> str:
     return md_table(headers, rows)
 
 
+def _mib(value: float | None) -> float | None:
+    return None if value is None else value / (1024 * 1024)
+
+
 def _churn_table(churn: dict[str, Any]) -> str:
     mib = 1024 * 1024
     rows = [
@@ -73,6 +77,7 @@ def _churn_table(churn: dict[str, Any]) -> str:
             run["adapter_hits"],
             fmt(run["cache_bytes_at_end"] / mib, 2),
             fmt(run["rss_peak_bytes"] / mib if "rss_peak_bytes" in run else None, 1),
+            fmt(_mib(run.get("rss_peak_beside_kv_cache_bytes")), 1),
             fmt(run["rss_growth_bytes"] / mib, 1),
         ]
         for name, run in (("all hot", churn["all_hot"]), ("churn", churn["churn"]))
@@ -84,6 +89,7 @@ def _churn_table(churn: dict[str, Any]) -> str:
         "cache hits",
         "cache at the end (MiB)",
         "process peak RSS (MiB)",
+        "peak RSS beside the KV caches (MiB)",
         "process RSS growth, idle again (MiB)",
     ]
     return md_table(headers, rows)
@@ -110,6 +116,10 @@ def _scale_markdown(scale: dict[str, Any]) -> str:
             "The all-hot run goes first and brings the allocator to the batch's working set; "
             "what the process holds under churn beyond that, at its peak while serving: "
             f"{fmt(churn.get('churn_peak_over_all_hot_bytes', 0) / (1024 * 1024), 1)} MiB; "
+            "at its peak beside the KV caches (the resident set less what the engine's KV "
+            "caches held at that moment, which follows the requests' lengths and how their "
+            "joins fall, not the adapters): "
+            f"{fmt(_mib(churn.get('churn_peak_beside_kv_over_all_hot_bytes')), 1)} MiB; "
             "once the engine is idle again: "
             f"{fmt(churn.get('churn_rss_over_all_hot_bytes', 0) / (1024 * 1024), 1)} MiB.\n\n",
             _churn_table(churn),

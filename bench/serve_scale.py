@@ -90,17 +90,29 @@ def rss_bytes() -> int:
 
 
 class PeakRss:
-    """The highest resident set seen while the block runs, sampled every ``interval`` s."""
+    """The highest resident set seen while the block runs, sampled every ``interval`` s;
+    with ``kv_cache_bytes`` (what the engine's KV caches hold now), also the highest
+    resident set beside them (``peak_beside_kv``)."""
 
-    def __init__(self, interval: float = 0.05):
+    def __init__(self, interval: float = 0.05, kv_cache_bytes: Callable[[], int] | None = None):
         self.interval = interval
+        self.kv_cache_bytes = kv_cache_bytes
         self.peak = rss_bytes()
+        self.peak_beside_kv = self.peak - self._kv()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
+    def _kv(self) -> int:
+        return self.kv_cache_bytes() if self.kv_cache_bytes is not None else 0
+
+    def _take(self) -> None:
+        rss = rss_bytes()
+        self.peak = max(self.peak, rss)
+        self.peak_beside_kv = max(self.peak_beside_kv, rss - self._kv())
+
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, rss_bytes())
+            self._take()
 
     def __enter__(self) -> PeakRss:
         self._thread.start()
@@ -109,7 +121,7 @@ class PeakRss:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
+        self._take()
 
 
 # -- the adapters --------------------------------------------------------------------------
@@ -279,7 +291,10 @@ def churn(
                     )
                     total.stamps.extend(done.stamps)
 
-            with PeakRss() as peak:
+            def kv_bytes() -> int:
+                return sum(engine.stats().kv_cache_bytes.values())
+
+            with PeakRss(kv_cache_bytes=kv_bytes) as peak:
                 results, seconds = run_together([client] * clients)
             entries, nbytes, loads, hits = engine.adapters.stats()
         finally:
@@ -294,6 +309,7 @@ def churn(
             "rss_growth_bytes": rss_end - rss_before,
             "rss_end_bytes": rss_end,
             "rss_peak_bytes": peak.peak,
+            "rss_peak_beside_kv_cache_bytes": peak.peak_beside_kv,
         }
 
     hot = run(pool[:cache_entries], warm=True)  # also brings the allocator to the working set
@@ -311,6 +327,12 @@ def churn(
         # once the engine is idle again, and at the peak while serving.
         "churn_rss_over_all_hot_bytes": cold["rss_end_bytes"] - hot["rss_end_bytes"],
         "churn_peak_over_all_hot_bytes": cold["rss_peak_bytes"] - hot["rss_peak_bytes"],
+        # The same peaks less what the KV caches held at each moment: the caches grow with
+        # the requests' lengths and with how their joins fall, which differs between the two
+        # runs however alike their requests (the engine reports them: kv_cache_bytes).
+        "churn_peak_beside_kv_over_all_hot_bytes": (
+            cold["rss_peak_beside_kv_cache_bytes"] - hot["rss_peak_beside_kv_cache_bytes"]
+        ),
     }
 
 

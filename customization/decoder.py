@@ -123,6 +123,24 @@ class BatchDecoder:
         chunking = len(self._chunking.sequences) if self._chunking is not None else 0
         return len(self.sequences) + len(self._waiting) + chunking
 
+    def kv_cache_bytes(self) -> int:
+        """Bytes the KV caches hold now (their buffers, room to grow included): the running
+        batch's, a long prompt's part-way through its prefill, and the carry-ons'. They grow
+        with the requests' lengths and how they overlap, not with the adapters; may be read
+        from another thread, and then may be one step old."""
+        from customization.kv_cache import cache_tensors, held_bytes  # imports transformers
+
+        chunking = self._chunking
+        tensors = cache_tensors(self._cache)
+        if chunking is not None:
+            tensors += cache_tensors(chunking.cache)
+            for carry_on_cache in chunking.carry_on_caches:
+                if carry_on_cache is not None:
+                    tensors += [*carry_on_cache.keys, *carry_on_cache.values]
+        for group in list(self._groups.values()):
+            tensors += [*group.keys, *group.values]
+        return held_bytes(tensors)
+
     @property
     def unfinished(self) -> list[DecodeSequence]:
         """Every sequence not finished: running, being prefilled or waiting for its prefill."""

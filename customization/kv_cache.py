@@ -11,7 +11,7 @@ and ``trim_padding`` drops the slots that are padding for every row.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -89,6 +89,25 @@ class GrowingCache(DynamicCache):
         """Slots allocated per row (the first layer's; every layer grows alike)."""
         first = self.layers[0] if self.layers else None
         return first.capacity if isinstance(first, GrowingLayer) else 0
+
+
+def held_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes of the distinct buffers behind ``tensors``: a view counts the whole buffer it
+    looks into (a growing cache's room included), a buffer seen twice counts once."""
+    sizes: dict[int, int] = {}
+    for tensor in tensors:
+        if tensor is not None:
+            storage = tensor.untyped_storage()
+            sizes[storage.data_ptr()] = storage.nbytes()
+    return sum(sizes.values())
+
+
+def cache_tensors(cache: Cache | None) -> list[torch.Tensor | None]:
+    """Every layer's keys and values of a base's cache (None: no cache), for ``held_bytes``."""
+    tensors: list[torch.Tensor | None] = []
+    for layer in list(cache.layers) if cache is not None else []:
+        tensors += [getattr(layer, "keys", None), getattr(layer, "values", None)]
+    return tensors
 
 
 def concat_left_padded(

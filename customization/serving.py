@@ -367,6 +367,7 @@ class EngineStats:
     batch_size: dict[str, int]  # sequences in the decode batch, those being prefilled included
     waiting: dict[str, int]  # sequences queued for the batch
     counters: dict[str, dict[str, int]]  # DecodeCounters.as_dict() (cumulative)
+    kv_cache_bytes: dict[str, int]  # held by the decode batch's KV caches now
     adapters_cached: int
     adapter_cache_bytes: int
     adapter_loads: int  # cumulative
@@ -427,6 +428,7 @@ class ServingEngine:
             batch_size={name: w.decoder.active for name, w in workers.items()},
             waiting={name: w.waiting.qsize() for name, w in workers.items()},
             counters={name: w.counters.as_dict() for name, w in workers.items()},
+            kv_cache_bytes={name: w.decoder.kv_cache_bytes() for name, w in workers.items()},
             adapters_cached=entries,
             adapter_cache_bytes=nbytes,
             adapter_loads=loads,

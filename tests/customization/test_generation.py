@@ -505,3 +505,35 @@ def test_a_prefill_chunk_below_one_token_is_refused(base: FrozenBase) -> None:
     """The chunk size must be a positive number of tokens."""
     with pytest.raises(ValueError, match="at least 1"):
         BatchDecoder(base, prefill_chunk=0)
+
+
+def test_the_decoder_reports_the_bytes_its_kv_caches_hold(
+    base: FrozenBase, ladder: CarryOn
+) -> None:
+    """What the KV caches hold (the base's for every row, the carry-on's for its row) is
+    reported while decoding, at least the slots filled and at most their doubled room, and
+    nothing once the batch has emptied."""
+    decoder = BatchDecoder(base)
+    assert decoder.kv_cache_bytes() == 0
+    rows = [
+        decoder.new_sequence(_prompt(base, "a base row"), GREEDY),
+        decoder.new_sequence(_prompt(base, "a carry-on row"), GREEDY, ladder),
+    ]
+    for row in rows:
+        decoder.add(row)
+    for _ in range(4):
+        decoder.step()
+    config, carry_on = base.model.config, ladder.config
+    slot = (
+        4
+        * config.num_hidden_layers
+        * config.num_key_value_heads
+        * (config.hidden_size // config.num_attention_heads)
+    )  # keys and values of one token, float32, in the base's cache
+    carry_on_slot = 4 * 2 * carry_on.n_blocks * carry_on.d_model
+    filled = len(rows) * (len(rows[0].prompt_ids) + 4) * slot
+    held = decoder.kv_cache_bytes()
+    assert filled <= held <= 2 * filled + 2 * 64 * (2 * slot + carry_on_slot)
+    while decoder.active:
+        decoder.step()
+    assert decoder.kv_cache_bytes() == 0

@@ -64,6 +64,13 @@ engine_queue_depth = Gauge(
     ["model"],
     multiprocess_mode="livesum",
 )
+engine_kv_cache_bytes = Gauge(
+    "carry_on_engine_kv_cache_bytes",
+    "Bytes the decode batch's KV caches hold (the base's and the carry-ons', room to grow "
+    "included).",
+    ["model"],
+    multiprocess_mode="livesum",
+)
 engine_decode_steps = Counter(
     "carry_on_engine_decode_steps", "Batched decode steps (one base forward each).", ["model"]
 )

@@ -139,6 +139,8 @@ class EngineSampler(threading.Thread):
         for base, size in stats.batch_size.items():
             instruments.engine_batch_size.labels(base).set(size)
             instruments.engine_queue_depth.labels(base).set(stats.waiting.get(base, 0))
+            kv_bytes = stats.kv_cache_bytes.get(base, 0)
+            instruments.engine_kv_cache_bytes.labels(base).set(kv_bytes)
             counters = stats.counters.get(base, {})
             steps = instruments.engine_decode_steps.labels(base)
             self._add(f"steps:{base}", counters.get("decode_steps", 0), steps)

@@ -173,6 +173,7 @@ def test_figures_move_when_a_job_runs_and_a_chat_streams(
         value(after, steps, model=model) - value(before, steps, model=model)
     )
     assert ("carry_on_engine_batch_size", frozenset({("model", model)})) in after
+    assert ("carry_on_engine_kv_cache_bytes", frozenset({("model", model)})) in after
     assert ("carry_on_adapter_cache_entries", frozenset()) in after
 
 
