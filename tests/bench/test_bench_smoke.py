@@ -116,11 +116,14 @@ def test_serve_bench_writes_every_comparison(
     assert scale["churn"]["adapters"] == 10
     assert scale["churn"]["churn"]["cache_bytes_at_end"] <= scale["churn"]["cache_bound_bytes"]
     assert scale["churn"]["churn"]["rss_peak_bytes"] > 0
+    for run in ("all_hot", "churn"):  # the peak less the KV caches: below the peak itself
+        figures = scale["churn"][run]
+        assert 0 < figures["rss_peak_beside_kv_cache_bytes"] <= figures["rss_peak_bytes"]
     assert scale["cold_loads"]["adapters_on_disk"] == 12
     assert scale["cold_loads"]["loads"] == 5
     assert 0 < scale["cold_loads"]["p50_ms"] <= scale["cold_loads"]["p99_ms"]
     assert scale["long_prompt"]["prompt_tokens"] > 0
-    assert len(result["targets"]) == 10
+    assert len(result["targets"]) == 11
     assert "# Serving benchmark" in (tmp_path / "serve.md").read_text("utf-8")
 
     # --join-only reruns just the long-prompt join, into files of its own.
