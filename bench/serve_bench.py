@@ -280,21 +280,19 @@ def _targets(batch: dict[str, Any], scale: dict[str, Any]) -> Any:
             0.7,
             at_most=False,
         ),
-        target_line(
-            "process peak memory under churn over the same requests served hot (MiB) "
-            "/ the cache bound",
-            churn["churn_peak_over_all_hot_bytes"] / mib,
-            round(churn["cache_bound_bytes"] / mib, 2),
-            at_most=True,
-            unit=" MiB",
-        ),
-        target_line(
-            "process memory once idle after churn over the same after serving hot (MiB) "
-            "/ the cache bound",
-            churn["churn_rss_over_all_hot_bytes"] / mib,
-            round(churn["cache_bound_bytes"] / mib, 2),
-            at_most=True,
-            unit=" MiB",
+        *(
+            target_line(
+                f"process memory {when} under churn over the same requests served hot (MiB) "
+                "/ the cache bound",
+                churn[key] / mib,
+                round(churn["cache_bound_bytes"] / mib, 2),
+                at_most=True,
+                unit=" MiB",
+            )
+            for when, key in (
+                ("at its peak", "churn_peak_over_all_hot_bytes"),
+                ("once idle again", "churn_rss_over_all_hot_bytes"),
+            )
         ),
         target_line(
             f"others' token gap while a {scale['long_prompt']['prompt_tokens']}-token prompt "
