@@ -22,6 +22,7 @@ import torch
 
 from customization.durable import atomic_dir
 from customization.errors import BaseModelNotFoundError, IncompatibleBaseModelError
+from customization.kernels import prepack_linears
 from customization.tokenizer import ChatTokenizer
 
 logger = logging.getLogger(__name__)
@@ -247,6 +248,7 @@ class FrozenBase:
         self.lm_head: Any = self.model.get_output_embeddings()
         self.vocab_size = int(self.lm_head.weight.shape[0])
         self._fingerprint: BaseFingerprint | None = None
+        prepack_linears([self.lm_head, *_mlp_linears(self.model)])
 
     @property
     def backbone(self) -> Any:
@@ -360,6 +362,17 @@ class FrozenBase:
         """The frozen LM head applied to final-layer (or merged) states."""
         logits: torch.Tensor = self.lm_head(hidden)
         return logits
+
+
+def _mlp_linears(model: Any) -> list[Any]:
+    """The decoder layers' MLP projections (where the base's per-layer arithmetic is)."""
+    layers = getattr(model.get_decoder(), "layers", None) or []
+    return [
+        module
+        for layer in layers
+        for name, module in layer.named_modules()
+        if name.startswith("mlp.") and isinstance(module, torch.nn.Linear)
+    ]
 
 
 def load_base_model(

@@ -61,7 +61,9 @@ def test_our_tail_artifact_loads_in_peft_with_our_engine_logits(
         theirs = peft_model(input_ids=torch.tensor([prompt])).logits[0].float()
     base_logits = prompt_logits(real_base, prompt)
     assert (ours - base_logits).abs().max() > 1e-2, "the tail should change the logits"
-    assert (ours - theirs).abs().max() < 1e-4
+    # The engine's base runs its head and MLPs on prepacked oneDNN kernels, PEFT's model on
+    # MKL's: the same products summed in another order, a few float32 roundings apart.
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=5e-4)
 
 
 def _features(
