@@ -35,7 +35,7 @@ from customization.carry_on import CarryOn
 from customization.config import GenerationConfig
 from customization.decode_state import DecodeCounters, DecodeSequence, ServedAdapter, StepOutput
 from customization.errors import ContextLengthError, CustomizationError
-from customization.packed import Packed, Segment
+from customization.packed import Packed, Segment, one_token_mask
 from customization.prefill import Prefill, take_prompts
 from customization.sampling import releasable_text, sample_token
 from customization.tail import TailAdapter
@@ -105,6 +105,8 @@ class BatchDecoder:
         if pack_prefill:
             packed.install(base.model)
         self._pack = pack_prefill and packed.installed(base.model)
+        # A decode step's mask is built here where the attention is SDPA's (``packed``).
+        self._sdpa_mask = packed.installed(base.model)
         self._step_seconds: float | None = None
         self._paced_chunk = min(MIN_PREFILL_CHUNK, prefill_chunk)
         self.sequences: list[DecodeSequence] = []  # the running batch, in cache row order
@@ -285,10 +287,12 @@ class BatchDecoder:
         started = time.perf_counter()
         rows = list(self.sequences)
         ids, positions = self._decode_inputs(rows)
+        assert self._attention is not None
+        mask = one_token_mask(self._attention) if self._sdpa_mask else self._attention
         outputs = self._backbone(
             rows,
             input_ids=ids,
-            attention_mask=self._attention,
+            attention_mask=mask,
             position_ids=positions,
             past_key_values=self._cache,
             use_cache=True,
