@@ -80,6 +80,9 @@ class Bench:
     mixed_prompts: list[list[int]]
     refs: list[AdapterRef]
     peft: dict[str, Any]
+    # transformers' generate on a model of its own: the engine's base runs some of its
+    # matmuls on prepacked kernels (customization.kernels), the peer as transformers ships it.
+    hf: Any
     lora_dir: Path
     carry_on_config: dict[str, Any]
     # A `balanced` preset tail (issue 13's decoding line), written by the caller.
@@ -116,6 +119,7 @@ class Bench:
             mixed_prompts=encoded[: args.adapters],
             refs=refs,
             peft=peft,
+            hf=load_hf_model(base_dir).eval(),
             lora_dir=lora_dir / "a0" if (lora_dir / "a0").is_dir() else lora_dir,
             carry_on_config=carry_on.config.to_dict(),
         )
@@ -148,7 +152,7 @@ class Bench:
         return next((i for i, t in enumerate(generated) if t in stops), len(generated))
 
     def hf_base(self, prompt: list[int], new_tokens: int) -> Timing:
-        return self._hf(self.base.model, prompt, new_tokens)
+        return self._hf(self.hf, prompt, new_tokens)
 
     def peft_qv(self, prompt: list[int], new_tokens: int) -> Timing:
         self.peft["lora-qv"].set_adapter("a0")
