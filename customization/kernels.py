@@ -6,9 +6,8 @@ base's LM head (49,152 x 576) took 8.7 ms for one row and ~20 ms for two to eigh
 batch of 8 paid most of its LM head twice over. oneDNN's matmul on a weight reordered once
 into its own blocked layout takes 4.8 ms for one row and 7.4 ms for eight, and the MLP's
 projections gain 20-35 % at two to thirty-two rows (``bench/serve_bench.py`` measures the
-engine as a whole). Its results are also the same for a row whatever the other rows in the
-call, which MKL's are not (it picks its kernel by the row count): a request decodes the same
-bits alone or in a batch.
+engine as a whole). Its result for a row is also the same whatever the other rows in the
+call, which MKL's is not (it picks its kernel by the row count).
 
 ``prepack_linears`` points chosen frozen ``nn.Linear`` modules at that path. Only calls that
 cannot need a gradient take it (grad mode off, or ``inference_mode``); CPU float32 only;
@@ -70,7 +69,8 @@ class _PrepackedForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.eligible(x):
             return self.own_forward(x)
-        version = self.weight._version
+        # An inference tensor keeps no version counter: reordered once.
+        version = 0 if self.weight.is_inference() else self.weight._version
         if self.packed is None or self.packed_version != version:
             with torch.inference_mode():
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)

@@ -101,7 +101,7 @@ def test_a_packed_forward_equals_each_segments_own_forward(base: FrozenBase) -> 
 @torch.inference_mode()
 def test_an_unpacked_forward_is_unchanged_by_the_switch(base: FrozenBase) -> None:
     """With the packed attention installed, a forward without segments is SDPA's, bit for
-    bit, as before the switch."""
+    bit, as before the switch (a padded one runs SDPA's grouped key/value heads)."""
     ids = torch.randint(3, base.tokenizer.vocab_size, (2, 6), generator=torch.Generator())
     mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
     before_name = base.model.config._attn_implementation
@@ -114,3 +114,35 @@ def test_an_unpacked_forward_is_unchanged_by_the_switch(base: FrozenBase) -> Non
         base.model.config._attn_implementation = packed.ATTENTION
     assert before_name in ("sdpa", packed.ATTENTION)
     assert torch.equal(after, reference)
+
+
+@torch.inference_mode()
+def test_a_padded_decode_step_with_its_own_mask_equals_transformers_sdpa(
+    base: FrozenBase,
+) -> None:
+    """A decode step of a left-padded batch, as the decoder runs it (the one-token mask
+    built by ``one_token_mask``, SDPA's grouped key/value heads), gives bit for bit what
+    transformers' SDPA gives with the 2-D mask (its own mask builder, each key/value head
+    copied per query head)."""
+    packed.install(base.model)
+    vocab = base.tokenizer.vocab_size
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, vocab, (3, 5), generator=generator)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
+    step_ids = torch.randint(3, vocab, (3, 1), generator=generator)
+    step_positions = mask.sum(dim=1, keepdim=True)
+    step_mask = torch.cat([mask, torch.ones((3, 1), dtype=torch.long)], dim=1)
+    four_d = packed.one_token_mask(step_mask)
+    assert four_d is not None
+    assert four_d.shape == (3, 1, 1, 6)
+    assert four_d.dtype == torch.bool
+    assert packed.one_token_mask(torch.ones((2, 4), dtype=torch.long)) is None  # no padding
+
+    ours = _forward(base, step_ids, four_d, step_positions, _cached(base, ids, mask))
+    base.model.config._attn_implementation = "sdpa"
+    try:
+        theirs = _forward(base, step_ids, step_mask, step_positions, _cached(base, ids, mask))
+    finally:
+        base.model.config._attn_implementation = packed.ATTENTION
+    for mine, reference in zip(ours.hidden_states, theirs.hidden_states, strict=True):
+        assert torch.equal(mine, reference)
