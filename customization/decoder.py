@@ -52,8 +52,11 @@ DEFAULT_PREFILL_CHUNK = 256
 # At 0.5 and twofold growth the others' worst gap across a 2,000-token prompt was 1.8-2.1
 # steps on a 2-core AMD EPYC (their median gap 1.5): a chunk's cost there varies twofold
 # from step to step for the same tokens, and the worst of a hundred chunks is what counts.
-PREFILL_SHARE_OF_STEP = 0.4
-PREFILL_CHUNK_GROWTH = 1.5
+# At 0.4 and 1.5-fold it was 2.21-2.23 steps once the step itself got faster (prepacked
+# kernels): the chunks' noise did not shrink with it. At 0.3 and 1.25-fold, 1.90-1.96 in
+# three runs, the prompt's first token ~10 % later.
+PREFILL_SHARE_OF_STEP = 0.3
+PREFILL_CHUNK_GROWTH = 1.25
 MIN_PREFILL_CHUNK = 8
 
 

@@ -17,7 +17,8 @@ Packing changes which tokens share a matmul, never what a token attends to: each
 computes what it computes alone.
 
 ``install`` points the served base's attention at ``packed_attention`` once; a forward
-without a ``packed`` argument runs transformers' own SDPA attention, unchanged.
+without a ``packed`` argument computes what transformers' own SDPA attention computes, bit
+for bit (where a mask is given, without copying each key/value head per query head).
 """
 
 from __future__ import annotations

@@ -376,7 +376,7 @@ def test_prefill_forwards_are_paced_to_the_running_rows_step(base: FrozenBase) -
     running it is what adds PREFILL_SHARE_OF_STEP of their decode step (learned from the
     chunks it times), between MIN_PREFILL_CHUNK and the prefill chunk, growing at most
     PREFILL_CHUNK_GROWTH-fold at once."""
-    assert (PREFILL_SHARE_OF_STEP, PREFILL_CHUNK_GROWTH) == (0.4, 1.5)  # the figures below
+    assert (PREFILL_SHARE_OF_STEP, PREFILL_CHUNK_GROWTH) == (0.3, 1.25)  # the figures below
     decoder = BatchDecoder(base, prefill_chunk=256)
     assert decoder._chunk_budget() == 256  # nobody waits for a token
     running = decoder.new_sequence(_prompt(base, "running"), GREEDY)
@@ -389,14 +389,14 @@ def test_prefill_forwards_are_paced_to_the_running_rows_step(base: FrozenBase) -
     decoder._step_seconds = 0.1
     decoder._pace(64, 0.4)  # far over a step: back to the floor
     assert decoder._chunk_budget() == MIN_PREFILL_CHUNK
-    decoder._pace(MIN_PREFILL_CHUNK, 0.001)  # far under: it grows by half, no more
-    assert decoder._chunk_budget() == 12
+    decoder._pace(MIN_PREFILL_CHUNK, 0.001)  # far under: it grows by a quarter, no more
+    assert decoder._chunk_budget() == 10
     decoder._paced_chunk = 32
-    decoder._pace(32, 0.032)  # 32 tokens added 0.32 of a step: 0.4 of a step fits 40
-    assert decoder._chunk_budget() == 40
-    decoder._pace(40, 0.0)  # lost in the step's noise: it grows by half
-    assert decoder._chunk_budget() == 60
-    for _ in range(8):
+    decoder._pace(32, 0.064)  # 32 tokens added 0.64 of a step: 0.3 of a step fits 15
+    assert decoder._chunk_budget() == 15
+    decoder._pace(15, 0.0)  # lost in the step's noise: it grows by a quarter
+    assert decoder._chunk_budget() == 18
+    for _ in range(16):
         decoder._pace(decoder._chunk_budget(), 0.001)
     assert decoder._chunk_budget() == 256  # never above the chunk
     unpaced = BatchDecoder(base, prefill_chunk=256, pace_prefill=False)
