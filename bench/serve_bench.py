@@ -43,6 +43,7 @@ from bench.common import (
     write_results,
 )
 from bench.serve_paths import Bench, Timing
+from customization.base_model import load_base_model
 from customization.runtime import on_own_thread, set_up_torch
 from customization.serving import AdapterRef
 
@@ -402,6 +403,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="only the long prompt joining running requests (writes serve_join.json/.md)",
     )
+    parser.add_argument(
+        "--cold-only",
+        action="store_true",
+        help="only the cold loads among the population on disk (writes serve_cold.json/.md)",
+    )
     return parse_sized(parser, argv, full=FULL, quick=QUICK)
 
 
@@ -424,6 +430,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.join_only:
         joined = run_join(args)
         for path in write_results(args.out, "serve_join", joined, join_markdown(joined)):
+            _log(f"wrote {path}")
+        return 0
+    if args.cold_only:
+        cold = run_cold(args)
+        for path in write_results(args.out, "serve_cold", cold, cold_markdown(cold)):
             _log(f"wrote {path}")
         return 0
     result = run(args)
@@ -452,6 +463,43 @@ def run_join(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_share_others": share.others(),
         "long_prompt": join,
     }
+
+
+def run_cold(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the cold loads over the population on disk, as the full run measures them."""
+    set_up_torch(args.threads)
+    machine = machine_info(args.threads)
+    share = CpuShare(who=0)
+    with tempfile.TemporaryDirectory(prefix="serve-cold-") as work:
+        base = on_own_thread(lambda: load_base_model(resolve_base(args.base)))
+        population = on_own_thread(
+            lambda: serve_scale.write_population(base, args.population, Path(work))
+        )
+        _log(f"cold loads over {len(population.refs)} adapters on disk ...")
+        cold = on_own_thread(
+            lambda: serve_scale.cold_loads(base, population, args.population_loads)
+        )
+    return {
+        "benchmark": "serve_cold",
+        "machine": machine,
+        "settings": {key: getattr(args, key) for key in FULL},
+        "cpu_share_others": share.others(),
+        "cold_loads": cold,
+    }
+
+
+def cold_markdown(result: dict[str, Any]) -> str:
+    cold, machine = result["cold_loads"], result["machine"]
+    return (
+        f"# Serving benchmark, the cold loads only\n\n"
+        f"`python -m bench.serve_bench --cold-only`; {machine['date']}, commit "
+        f"{machine['git_commit']}; other processes used "
+        f"{100 * result['cpu_share_others']:.0f}% of the CPU.\n\n"
+        f"{cold['loads']} misses among {cold['adapters_on_disk']} adapters on disk "
+        f"({cold['artifact_bytes'] / 1024:.0f} KiB each, in the OS page cache): p50 "
+        f"**{cold['p50_ms']:.2f} ms** (bound ≤ 10), p90 {cold['p90_ms']:.2f}, p99 "
+        f"**{cold['p99_ms']:.2f} ms** (bound ≤ 30), max {cold['max_ms']:.2f}.\n"
+    )
 
 
 def join_markdown(result: dict[str, Any]) -> str:

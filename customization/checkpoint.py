@@ -300,7 +300,7 @@ def load_carry_on(
     # Built on the meta device: no memory is allocated or randomly initialised only to be
     # overwritten by the stored weights (the cold load is then mostly the file read).
     with torch.device("meta"):
-        carry_on = CarryOn(config)
+        carry_on = CarryOn(config, initialize=False)
     expected = carry_on.state_dict()
     if set(tensors) != set(expected):
         raise ArtifactError(f"carry-on weights in {folder} do not match its config")
