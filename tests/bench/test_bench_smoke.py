@@ -136,6 +136,17 @@ def test_serve_bench_writes_every_comparison(
     assert joined["long_prompt"]["prompt_tokens"] > 0
     assert "long-prompt join only" in (join_out / "serve_join.md").read_text("utf-8")
 
+    # --cold-only reruns just the cold loads over the population, into files of its own.
+    cold_out = tmp_path / "cold"
+    cold_argv = [str(cold_out) if a == str(tmp_path) else a for a in argv]
+    assert serve_bench.main([*cold_argv, "--cold-only"]) == 0
+    cold = json.loads((cold_out / "serve_cold.json").read_text("utf-8"))
+    assert cold["benchmark"] == "serve_cold"
+    assert cold["cold_loads"]["adapters_on_disk"] == 12
+    assert cold["cold_loads"]["loads"] == 5
+    assert 0 < cold["cold_loads"]["p50_ms"] <= cold["cold_loads"]["p99_ms"]
+    assert "cold loads only" in (cold_out / "serve_cold.md").read_text("utf-8")
+
     # --batch-1-only reruns just the batch-1 paths and their three targets.
     batch_out = tmp_path / "batch1"
     batch_argv = [str(batch_out) if a == str(tmp_path) else a for a in argv]
