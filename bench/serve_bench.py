@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -443,49 +443,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def run_join(args: argparse.Namespace) -> dict[str, Any]:
-    """Only the long-prompt join, as the full run measures it (to re-check a change)."""
+def _part_alone(
+    args: argparse.Namespace, name: str, key: str, measure: Callable[[Path], Any]
+) -> dict[str, Any]:
+    """One part of the full run alone (to re-check a change): its figures under ``key``,
+    with the machine, settings and the others' CPU share as the full run records them."""
     set_up_torch(args.threads)
-    base_dir = resolve_base(args.base)
-    problems = load_problems(args.gsm8k, 0, max(args.prompts, args.adapters))
     machine = machine_info(args.threads)
     share = CpuShare(who=0)
-    with tempfile.TemporaryDirectory(prefix="serve-join-") as work:
-        bench = on_own_thread(lambda: Bench.build(base_dir, problems, args, Path(work)))
+    with tempfile.TemporaryDirectory(prefix=f"{name}-") as work:
+        figures = measure(Path(work))
+    return {
+        "benchmark": name,
+        "machine": machine,
+        "settings": {option: getattr(args, option) for option in FULL},
+        "cpu_share_others": share.others(),
+        key: figures,
+    }
+
+
+def run_join(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the long-prompt join, as the full run measures it."""
+    problems = load_problems(args.gsm8k, 0, max(args.prompts, args.adapters))
+
+    def measure(work: Path) -> dict[str, Any]:
+        base_dir = resolve_base(args.base)
+        bench = on_own_thread(lambda: Bench.build(base_dir, problems, args, work))
         try:
-            join = _join(bench, args, _mixed(bench, args, Path(work)))
+            return _join(bench, args, _mixed(bench, args, work))
         finally:
             bench.close()
-    return {
-        "benchmark": "serve_join",
-        "machine": machine,
-        "settings": {key: getattr(args, key) for key in FULL},
-        "cpu_share_others": share.others(),
-        "long_prompt": join,
-    }
+
+    return _part_alone(args, "serve_join", "long_prompt", measure)
 
 
 def run_cold(args: argparse.Namespace) -> dict[str, Any]:
     """Only the cold loads over the population on disk, as the full run measures them."""
-    set_up_torch(args.threads)
-    machine = machine_info(args.threads)
-    share = CpuShare(who=0)
-    with tempfile.TemporaryDirectory(prefix="serve-cold-") as work:
+
+    def measure(work: Path) -> dict[str, Any]:
         base = on_own_thread(lambda: load_base_model(resolve_base(args.base)))
         population = on_own_thread(
-            lambda: serve_scale.write_population(base, args.population, Path(work))
+            lambda: serve_scale.write_population(base, args.population, work)
         )
         _log(f"cold loads over {len(population.refs)} adapters on disk ...")
-        cold = on_own_thread(
+        return on_own_thread(
             lambda: serve_scale.cold_loads(base, population, args.population_loads)
         )
-    return {
-        "benchmark": "serve_cold",
-        "machine": machine,
-        "settings": {key: getattr(args, key) for key in FULL},
-        "cpu_share_others": share.others(),
-        "cold_loads": cold,
-    }
+
+    return _part_alone(args, "serve_cold", "cold_loads", measure)
 
 
 def cold_markdown(result: dict[str, Any]) -> str:
